@@ -1,0 +1,293 @@
+"""The shared engine of every gradient-based meta-learner.
+
+An algorithm describes ONE task: ``inner_loop`` yields its fast weights after each inner step,
+written as a pure function of (params, buffers, support set). This base class maps that over the
+task axis with ``torch.func.vmap``, runs tasks in chunks to bound memory and keep the working set
+in cache, scores the query set, and reduces over tasks. It never deep-copies or clones the model.
+
+BatchNorm policy (transductive, as in the MAML paper): every forward pass the engine makes
+normalises with the statistics of its own batch, per task; running statistics are never read or
+written, so meta-training and adaptation leave every buffer untouched. The normalisation is
+computed from mean and variance directly rather than ``F.batch_norm``, whose second-order
+gradients under ``vmap`` are silently wrong (functorch issue 534).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+Params = Dict[str, torch.Tensor]
+
+
+@dataclass
+class MetaOutput:
+    """What a meta-batch produced.
+
+    ``loss``: scalar mean final query loss over tasks, differentiable w.r.t. the meta-parameters
+    when produced by ``meta_loss``. ``query_loss`` / ``query_accuracy``: final-step means over
+    tasks, or 1-D ``[steps + 1]`` per-step means (before adapting, then after each step) when
+    per-step scoring was asked for. ``task_loss`` / ``task_accuracy``: the same per task
+    (``[T]`` or ``[T, steps + 1]``), for confidence intervals. Accuracies are None for regression.
+    """
+
+    loss: torch.Tensor
+    query_loss: torch.Tensor
+    query_accuracy: Optional[torch.Tensor]
+    task_loss: torch.Tensor
+    task_accuracy: Optional[torch.Tensor]
+
+
+def _normalize_with_batch_statistics(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + module.eps)
+    if module.affine:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = scale * module.weight.reshape(shape)
+        return torch.addcmul(module.bias.reshape(shape) - mean * scale, x, scale)
+    return (x - mean) * scale
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Run every BatchNorm module of ``model`` with batch statistics and no running-stat updates.
+
+    Re-entrant: an inner use inside an outer one changes nothing.
+    """
+    patched = []
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and "_fastadapt_patched" not in module.__dict__:
+            module.__dict__["_fastadapt_patched"] = True
+            module.forward = types.MethodType(_normalize_with_batch_statistics, module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.__dict__["forward"]
+            del module.__dict__["_fastadapt_patched"]
+
+
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(dim=-1) == targets).to(logits.dtype).mean()
+
+
+_CPU_CHUNK_VALUES = 256 * 1024
+
+_LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+
+
+def detach(params: Params) -> Params:
+    return {name: value.detach() for name, value in params.items()}
+
+
+class MetaLearner(nn.Module):
+    """Base of every algorithm: owns batching over tasks (vmap), chunking and query scoring.
+
+    Subclasses implement ``inner_loop``. ``task_chunk`` is the number of tasks run together in one
+    vmapped call: ``"auto"`` picks by device (on CPU, chunks of about 256k input values, i.e. 4
+    Omniglot tasks: per-task weights turn convolutions into slower grouped ones and a large working
+    set falls out of cache; on GPU, all tasks at once), an int
+    fixes it, and ``None`` runs the whole meta-batch at once. Results do not depend on it.
+    """
+
+    def __init__(self, model: nn.Module, inner_steps: int = 5, loss="cross_entropy",
+                 task_chunk="auto", compile: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                raise ValueError(f"loss must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
+            self.loss_name, self.loss_fn = loss, _LOSSES[loss]
+        elif callable(loss):
+            self.loss_name, self.loss_fn = getattr(loss, "__name__", "custom"), loss
+        else:
+            raise ValueError(f"loss must be a name or a callable, got {loss!r}")
+        if not (task_chunk is None or task_chunk == "auto" or (isinstance(task_chunk, int) and task_chunk > 0)):
+            raise ValueError(f"task_chunk must be 'auto', None or a positive integer, got {task_chunk!r}")
+        self.model = model
+        self.inner_steps = inner_steps
+        self.task_chunk = task_chunk
+        self.compile = compile
+        self._compiled: Dict[tuple, Callable] = {}
+
+    # ------------------------------------------------------------------ what an algorithm defines
+    def inner_loop(self, params: Params, buffers: Params, support_x, support_y, steps: int,
+                   create_graph: bool) -> Iterator[Params]:
+        """Yield the fast weights of ONE task: first the starting weights, then after each step."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ functional building blocks
+    @property
+    def classification(self) -> bool:
+        return self.loss_fn is F.cross_entropy
+
+    def meta_params(self) -> Params:
+        return dict(self.model.named_parameters())
+
+    def model_buffers(self) -> Params:
+        return dict(self.model.named_buffers())
+
+    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x`` with the given weights (one task, no task axis)."""
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def support_grad(self, params: Params, buffers: Params, x, y, create_graph: bool) -> Params:
+        """Gradient of the loss on (x, y) w.r.t. ``params``.
+
+        With ``create_graph`` the result stays differentiable w.r.t. the meta-parameters (second
+        order); otherwise the weights are detached first, so no outer graph is even recorded.
+        """
+        if not create_graph:
+            params = detach(params)
+
+        def loss_of(p):
+            return self.loss_fn(self.forward_with(p, buffers, x), y)
+
+        return torch.func.grad(loss_of)(params)
+
+    # ------------------------------------------------------------------ one task, then all tasks
+    def _task(self, params, buffers, support_x, support_y, query_x, query_y, *, steps: int,
+              per_step: bool, create_graph: bool):
+        losses, accuracies = [], []
+        final = None
+        for step, fast in enumerate(self.inner_loop(params, buffers, support_x, support_y, steps, create_graph)):
+            if step == steps:
+                out = self.forward_with(fast, buffers, query_x)
+                final = self.loss_fn(out, query_y)
+                metric_loss = final.detach()
+            elif per_step:
+                with torch.no_grad():
+                    out = self.forward_with(detach(fast), buffers, query_x)
+                    metric_loss = self.loss_fn(out, query_y)
+            else:
+                continue
+            losses.append(metric_loss)
+            accuracies.append(_accuracy(out.detach(), query_y) if self.classification else metric_loss * 0)
+        return final, torch.stack(losses), torch.stack(accuracies)
+
+    def _vmapped(self, steps: int, per_step: bool, create_graph: bool) -> Callable:
+        key = (steps, per_step, create_graph)
+        fn = self._compiled.get(key)
+        if fn is None:
+            task = functools.partial(self._task, steps=steps, per_step=per_step, create_graph=create_graph)
+            fn = vmap(task, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
+            if self.compile:
+                fn = torch.compile(fn)
+            self._compiled[key] = fn
+        return fn
+
+    def _chunk_size(self, batch) -> Optional[int]:
+        if self.task_chunk != "auto":
+            return self.task_chunk
+        if batch.support_x.is_cuda:
+            return None
+        # On CPU, bound the inputs of one chunk to about 256k values: 4 Omniglot tasks of 80
+        # images of 28x28 (measured fastest by benchmarks/meta_step.py), a whole sinusoid batch.
+        per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
+        return max(1, _CPU_CHUNK_VALUES // per_task)
+
+    def _run_chunks(self, batch, steps: int, per_step: bool, create_graph: bool, backward: bool):
+        chunk = self._chunk_size(batch)
+        chunks = list(batch.split(chunk)) if chunk else [batch]
+        params, buffers = self.meta_params(), self.model_buffers()
+        fn = self._vmapped(steps, per_step, create_graph)
+        finals, losses, accuracies = [], [], []
+        with batch_statistics(self.model):
+            for part in chunks:
+                final, loss, acc = fn(params, buffers, part.support_x, part.support_y,
+                                      part.query_x, part.query_y)
+                if backward:
+                    (final.sum() / batch.num_tasks).backward()
+                    final = final.detach()
+                finals.append(final)
+                losses.append(loss)
+                accuracies.append(acc)
+        final = torch.cat(finals).mean()
+        task_loss, task_acc = torch.cat(losses), torch.cat(accuracies)
+        if not per_step:
+            task_loss, task_acc = task_loss[:, -1], task_acc[:, -1]
+        task_acc = task_acc if self.classification else None
+        return MetaOutput(loss=final, query_loss=task_loss.mean(0),
+                          query_accuracy=None if task_acc is None else task_acc.mean(0),
+                          task_loss=task_loss, task_accuracy=task_acc)
+
+    # ------------------------------------------------------------------ public API
+    def create_graph(self) -> bool:
+        """Whether the inner loop is differentiated through (second order) in ``meta_loss``."""
+        return True
+
+    def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
+        """Mean query loss after adaptation over the tasks of ``batch``, differentiable.
+
+        The graph of every chunk is kept until ``.loss.backward()``; ``meta_backward`` frees each
+        chunk's graph as it goes and so bounds memory by one chunk.
+        """
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward=False)
+
+    def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
+        """Accumulate the meta-gradient of ``meta_loss(batch).loss`` into ``.grad``, chunk by chunk."""
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward=True)
+
+    def fine_tune(self, batch, steps: Optional[int] = None) -> MetaOutput:
+        """Adapt every task of ``batch`` for ``steps`` steps and score the query set after each.
+
+        Runs without recording any graph and leaves the meta-parameters and buffers untouched.
+        """
+        steps = self.inner_steps if steps is None else steps
+        with torch.no_grad():
+            return self._run_chunks(batch, steps, per_step=True, create_graph=False, backward=False)
+
+    def _is_task_batched(self, support_x, support_y) -> bool:
+        # Class labels are [S] for one task; regression targets carry a feature axis, [S, D].
+        return support_y.dim() == (2 if self.classification else 3)
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
+              steps: Optional[int] = None) -> Params:
+        """Fast weights adapted to one task (``support_x`` ``[S, ...]``) or to a batch of tasks
+        (``[T, S, ...]``, giving weights with a leading task axis).
+
+        Differentiable w.r.t. the meta-parameters when gradients are enabled (second order unless
+        the algorithm is first order). Touches neither the meta-parameters nor any buffer.
+        """
+        steps = self.inner_steps if steps is None else steps
+        params, buffers = self.meta_params(), self.model_buffers()
+        create_graph = self.create_graph() and torch.is_grad_enabled()
+
+        def run(sx, sy):
+            fast = params
+            for fast in self.inner_loop(params, buffers, sx, sy, steps, create_graph):
+                pass
+            return fast
+
+        with batch_statistics(self.model):
+            if self._is_task_batched(support_x, support_y):
+                return vmap(run, randomness="different")(support_x, support_y)
+            return run(support_x, support_y)
+
+    def predict(self, fast_weights: Params, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x`` with adapted weights; batched weights take ``x`` as ``[T, N, ...]``."""
+        buffers = self.model_buffers()
+        name, reference = next(iter(self.model.named_parameters()))
+        with batch_statistics(self.model):
+            if fast_weights[name].dim() == reference.dim() + 1:
+                return vmap(lambda p, xs: self.forward_with(p, buffers, xs), randomness="different")(fast_weights, x)
+            return self.forward_with(fast_weights, buffers, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model with its meta-parameters, under the same BatchNorm policy as adaptation."""
+        with batch_statistics(self.model):
+            return self.model(x)

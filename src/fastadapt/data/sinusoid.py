@@ -1,0 +1,46 @@
+"""The sinusoid regression tasks of the MAML paper (Finn et al. 2017, section 5.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .episodes import TaskBatch
+
+
+class Sinusoid:
+    """Tasks ``y = A sin(x - phase)``, A ~ U(amplitude), phase ~ U(phase), x ~ U(x_range).
+
+    Each task has ``k_shot`` support and ``k_query`` query points; targets carry a feature axis
+    (``support_y`` is ``[T, k_shot, 1]``). The stream of tasks is reproducible for a seed; the task
+    parameters of the last ``sample`` are kept in ``last_amplitude`` / ``last_phase``.
+    """
+
+    def __init__(self, k_shot: int = 10, k_query: int = 10, amplitude=(0.1, 5.0),
+                 phase=(0.0, math.pi), x_range=(-5.0, 5.0), seed: int = 0):
+        if k_shot <= 0 or k_query <= 0:
+            raise ValueError(f"Sinusoid: k_shot and k_query must be positive, got {k_shot}, {k_query}")
+        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
+            if not lo <= hi:
+                raise ValueError(f"Sinusoid: {name} must be (low, high) with low <= high, got {(lo, hi)}")
+        self.k_shot, self.k_query = k_shot, k_query
+        self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _uniform(self, bounds, *shape):
+        lo, hi = bounds
+        return lo + (hi - lo) * torch.rand(*shape, generator=self.generator)
+
+    def sample(self, batch_size: int) -> TaskBatch:
+        if batch_size <= 0:
+            raise ValueError(f"Sinusoid.sample: batch_size must be positive, got {batch_size}")
+        amp = self._uniform(self.amplitude, batch_size, 1, 1)
+        phase = self._uniform(self.phase, batch_size, 1, 1)
+        x = self._uniform(self.x_range, batch_size, self.k_shot + self.k_query, 1)
+        y = amp * torch.sin(x - phase)
+        self.last_amplitude, self.last_phase = amp.flatten(), phase.flatten()
+        s = self.k_shot
+        return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:])
+
