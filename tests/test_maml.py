@@ -48,11 +48,12 @@ def assert_all_close(a, b, rtol, atol=1e-12):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("task_chunk", [None, 2])
-def test_second_order_matches_loop_reference(case, task_chunk):
+@pytest.mark.parametrize("task_chunk, vmap_query", [(None, True), (2, False)])
+def test_second_order_matches_loop_reference(case, task_chunk, vmap_query):
     make_model, make_batch = CASES[case]
     model, batch = make_model(), make_batch()
     maml = MAML(model, inner_lr=0.4, inner_steps=3, task_chunk=task_chunk)
+    maml.vmap_query = vmap_query
     out = maml.meta_loss(batch, per_step=True)
     ref_loss, ref_acc = loop_meta_loss(model, batch, 0.4, 3, create_graph=True)
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-10, atol=1e-12)
@@ -115,9 +116,11 @@ def test_first_order_is_stop_gradient_formula_and_differs_from_second_order(case
 
 @pytest.mark.parametrize("task_chunk", [None, 1, 2])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_vmapped_batch_equals_loop_over_its_tasks(task_chunk, first_order):
+@pytest.mark.parametrize("vmap_query", [False, True])
+def test_vmapped_batch_equals_loop_over_its_tasks(task_chunk, first_order, vmap_query):
     model, batch = small_conv4(), image_batch(tasks=5)
     maml = MAML(model, inner_steps=2, first_order=first_order, task_chunk=task_chunk)
+    maml.vmap_query = vmap_query
     out = maml.meta_loss(batch, per_step=True)
     grads = grads_of(out.loss, model)
     single = [MAML(model, inner_steps=2, first_order=first_order).meta_loss(batch[i], per_step=True)

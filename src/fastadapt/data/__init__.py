@@ -1,6 +1,13 @@
 """Episodic few-shot data. Nothing here imports a model or an algorithm."""
 
 from .episodes import TaskBatch
+from .folder import ImageFolder
+from .glyphs import Glyphs
+from .imageset import ImageSet
+from .miniimagenet import MiniImageNet
+from .omniglot import Omniglot, maml_protocol
+from .sampler import EpisodeSampler
 from .sinusoid import Sinusoid
 
-__all__ = ["TaskBatch", "Sinusoid"]
+__all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "maml_protocol",
+           "MiniImageNet", "ImageFolder", "Glyphs"]

@@ -1,0 +1,45 @@
+"""A user's own images: ``root/<class>/<image>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .imageset import ImageSet, load_images
+
+
+class ImageFolder(ImageSet):
+    """Every sub-folder of ``root`` is a class, every file in it an image (any format Pillow reads).
+
+    Images are converted to ``channels`` (1: grey, 3: RGB) and resized to ``image_size`` squared.
+    A file that cannot be decoded raises a ``ValueError`` naming it (``on_error="raise"``, the
+    default) or is skipped with a warning naming it (``on_error="skip"``); it is never given a
+    label. A class folder with no usable image is an error.
+    """
+
+    def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise"):
+        root = Path(root).expanduser()
+        if channels not in (1, 3):
+            raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels!r}")
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: {root} is not a folder")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"ImageFolder: {root} has no class sub-folders (expected root/<class>/<image>)")
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            members = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not members:
+                raise ValueError(f"ImageFolder: class folder {root / name} is empty")
+            files += members
+            labels += [label] * len(members)
+        images, kept = load_images([(str(p), p.read_bytes) for p in files], image_size, channels, on_error)
+        targets = torch.tensor([labels[i] for i in kept], dtype=torch.long)
+        counts = torch.bincount(targets, minlength=len(classes))
+        empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
+        if empty:
+            raise ValueError(f"ImageFolder: class folder {root / empty[0]} has no readable image")
+        super().__init__(torch.from_numpy(images), targets, classes)
+        self.root = root
+        self.files = [files[i] for i in kept]

@@ -1,0 +1,80 @@
+"""Glyphs: a synthetic, Omniglot-like character set generated in memory (no download).
+
+Each class is a random character made of a few pen strokes (cubic Bezier curves); each example
+redraws it with per-drawing noise: control-point jitter, stroke width, and a small rotation,
+scaling and shift, rendered anti-aliased (drawn at 4x and downsampled). It is synthetic data for
+first runs, smoke tests and offline demos, not a substitute for a real benchmark.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .imageset import ImageSet
+
+# Class identities of the splits live in disjoint ranges, so the splits never share a character.
+_SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
+_SUPERSAMPLE = 4
+_CURVE = np.linspace(0.0, 1.0, 24)[:, None]
+
+
+def _character(rng: np.random.Generator) -> list:
+    """Control points (4 x 2, in the unit square) of each stroke of one character."""
+    strokes = []
+    for _ in range(rng.integers(2, 5)):
+        start = rng.uniform(0.15, 0.85, size=2)
+        steps = rng.normal(0.0, 0.22, size=(3, 2))
+        points = np.clip(start + np.cumsum(steps, axis=0), 0.1, 0.9)
+        strokes.append(np.vstack([start, points]))
+    return strokes
+
+
+def _draw(strokes: list, size: int, rng: np.random.Generator) -> np.ndarray:
+    canvas = size * _SUPERSAMPLE
+    image = Image.new("L", (canvas, canvas), 0)
+    draw = ImageDraw.Draw(image)
+    angle, scale = rng.uniform(-0.2, 0.2), rng.uniform(0.88, 1.12)
+    shift = rng.uniform(-0.06, 0.06, size=2)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
+    width = max(1, int(round(rng.uniform(0.06, 0.1) * canvas)))
+    for control in strokes:
+        p = control + rng.normal(0.0, 0.02, size=control.shape)
+        t = _CURVE
+        curve = ((1 - t) ** 3) * p[0] + 3 * ((1 - t) ** 2) * t * p[1] + 3 * (1 - t) * (t ** 2) * p[2] + (t ** 3) * p[3]
+        curve = (curve - 0.5) @ rotation.T + 0.5 + shift
+        xy = [tuple(q) for q in (curve * canvas).tolist()]
+        draw.line(xy, fill=255, width=width, joint="curve")
+        r = width / 2
+        for x, y in (xy[0], xy[-1]):
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+class Glyphs(ImageSet):
+    """``num_classes`` synthetic characters with ``examples_per_class`` drawings each.
+
+    ``split`` (``train``, ``val`` or ``test``) selects a disjoint range of characters; the same
+    ``(seed, split, num_classes, examples_per_class, image_size)`` always gives the same images.
+    Strokes are bright on a zero background, as in ``Omniglot``.
+    """
+
+    def __init__(self, num_classes: int = 200, examples_per_class: int = 20, image_size: int = 28,
+                 seed: int = 0, split: str = "train"):
+        if split not in _SPLIT_OFFSETS:
+            raise ValueError(f"Glyphs: split must be one of {sorted(_SPLIT_OFFSETS)}, got {split!r}")
+        for name, value in (("num_classes", num_classes), ("examples_per_class", examples_per_class),
+                            ("image_size", image_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Glyphs: {name} must be a positive integer, got {value!r}")
+        offset = _SPLIT_OFFSETS[split]
+        images = np.empty((num_classes * examples_per_class, 1, image_size, image_size), dtype=np.uint8)
+        for c in range(num_classes):
+            strokes = _character(np.random.default_rng([seed, offset + c]))
+            drawing = np.random.default_rng([seed, offset + c, 1])
+            for e in range(examples_per_class):
+                images[c * examples_per_class + e, 0] = _draw(strokes, image_size, drawing)
+        targets = torch.arange(num_classes).repeat_interleave(examples_per_class)
+        super().__init__(torch.from_numpy(images), targets, [f"glyph{offset + c}" for c in range(num_classes)])
+        self.split, self.seed = split, seed

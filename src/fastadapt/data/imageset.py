@@ -1,0 +1,132 @@
+"""Class-indexed image sets: every image loaded once into one uint8 tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageSet:
+    """Images of several classes held in memory.
+
+    ``images``: uint8 ``[N, C, H, W]``; ``targets``: int64 ``[N]`` class indices into
+    ``class_names``. Samplers only need these and ``indices_of``.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"targets must be [N] = [{images.shape[0]}], got {tuple(targets.shape)}")
+        self.images = images
+        self.targets = targets.to(torch.int64)
+        self.class_names = list(class_names)
+        order = torch.argsort(self.targets, stable=True)
+        counts = torch.bincount(self.targets, minlength=len(self.class_names))
+        self._class_indices = list(torch.split(order, counts.tolist()))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def indices_of(self, cls) -> torch.Tensor:
+        """Indices of the images of class ``cls`` (an index or a name)."""
+        if isinstance(cls, str):
+            cls = self.class_names.index(cls)
+        return self._class_indices[cls]
+
+    def class_sizes(self) -> torch.Tensor:
+        return torch.tensor([len(i) for i in self._class_indices])
+
+    def subset(self, classes: Iterable[int]) -> "ImageSet":
+        """A new set with only ``classes`` (relabelled 0..k-1 in the given order)."""
+        classes = list(classes)
+        index = torch.cat([self._class_indices[c] for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
+        relabel = torch.full((self.num_classes,), -1, dtype=torch.long)
+        relabel[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
+        return ImageSet(self.images[index], relabel[self.targets[index]], [self.class_names[c] for c in classes])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.num_classes} classes, {len(self)} images of "
+                f"{tuple(self.images.shape[1:])})")
+
+
+def decode_image(data: bytes, image_size: int, channels: int, source: str) -> np.ndarray:
+    """Decode one image to uint8 ``[channels, image_size, image_size]``; errors name ``source``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"{source}: cannot decode image ({error})") from error
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def load_images(items: Sequence[Tuple[str, callable]], image_size: int, channels: int,
+                on_error: str = "raise") -> Tuple[np.ndarray, List[int]]:
+    """Decode ``(source, read_bytes)`` pairs; returns the stacked images and the kept positions."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    arrays, kept = [], []
+    for position, (source, read) in enumerate(items):
+        try:
+            arrays.append(decode_image(read(), image_size, channels, source))
+            kept.append(position)
+        except ValueError as error:
+            if on_error == "raise":
+                raise
+            warnings.warn(f"skipping {error}", stacklevel=2)
+    empty = np.zeros((0, channels, image_size, image_size), np.uint8)
+    return (np.stack(arrays) if arrays else empty), kept
+
+
+def cache_location(cache, data_root: Path, name: str) -> Optional[Path]:
+    """Where a decoded-image cache goes: ``True`` beside the data, a folder, or ``False`` for none."""
+    if cache is False or cache is None:
+        return None
+    folder = data_root if cache is True else Path(cache).expanduser()
+    return folder / name
+
+
+def cached_array(cache_path: Optional[Path], fingerprint: str, build) -> np.ndarray:
+    """Load ``build()``'s array from ``cache_path`` when its fingerprint matches, else build and save.
+
+    The cache is an ``.npy`` file written atomically; an unwritable location is not an error
+    (the data may sit on a read-only share), it just means no cache.
+    """
+    if cache_path is None:
+        return build()
+    tag = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    path = cache_path.with_name(f"{cache_path.name}.{tag}.npy")
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass
+    array = build()
+    try:
+        temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(temporary, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            temporary.unlink()
+        except (OSError, UnboundLocalError):
+            pass
+    return array

@@ -1,0 +1,157 @@
+"""Omniglot (Lake, Salakhutdinov and Tenenbaum, Science 2015), from its official zips or folders."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .download import download as fetch
+from .download import extract_zip
+from .imageset import ImageSet, cache_location, cached_array, load_images
+
+SPLITS = {
+    "background": "images_background",
+    "evaluation": "images_evaluation",
+    "background_small1": "images_background_small1",
+    "background_small2": "images_background_small2",
+}
+
+_URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
+# SHA-256 of the minimal sets as distributed; for the full sets, the MD5 sums that torchvision
+# publishes for the same files.
+CHECKSUMS = {
+    "images_background": "md5:68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "md5:6b91aef0f799c5bb55b94e3f2daec811",
+    "images_background_small1": "sha256:f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4",
+    "images_background_small2": "sha256:3ccaa407515a8778e5d0861875af38b17e418f301ad5bb3b5a6b65d901a41c7f",
+}
+
+
+def _list_source(root: Path, base: str):
+    """The (class name, source, reader) triples of one split, from its folder or its zip."""
+    folder, archive = root / base, root / f"{base}.zip"
+    entries = []
+    if folder.is_dir():
+        for path in sorted(folder.glob("*/*/*.png")):
+            alphabet, character = path.parent.parent.name, path.parent.name
+            entries.append((f"{alphabet}/{character}", str(path), path.read_bytes))
+        fingerprint = f"{folder}:{len(entries)}:{max((p.stat().st_mtime for p in folder.glob('*/*/*.png')), default=0)}"
+        return entries, fingerprint
+    if archive.is_file():
+        zf = zipfile.ZipFile(archive)
+        for name in sorted(zf.namelist()):
+            parts = name.split("/")
+            if len(parts) == 4 and parts[0] == base and parts[3].endswith(".png"):
+                entries.append((f"{parts[1]}/{parts[2]}", f"{archive}:{name}", lambda n=name: zf.read(n)))
+        stat = archive.stat()
+        return entries, f"{archive}:{stat.st_size}:{stat.st_mtime}"
+    return None, None
+
+
+def _rotate(images: torch.Tensor, targets: torch.Tensor, names: Sequence[str]):
+    """Add 90/180/270-degree rotated copies of every class as new classes."""
+    all_images, all_targets, all_names = [images], [targets], list(names)
+    for k in (1, 2, 3):
+        all_images.append(torch.rot90(images, k, dims=(2, 3)))
+        all_targets.append(targets + k * len(names))
+        all_names += [f"{n}/rot{90 * k}" for n in names]
+    return torch.cat(all_images), torch.cat(all_targets), all_names
+
+
+class Omniglot(ImageSet):
+    """One Omniglot split as a class-indexed image set; a class is one character.
+
+    ``root`` holds the official zips (``images_background.zip`` ...) or their unzipped folders.
+    ``split``: ``background``, ``evaluation``, ``background_small1`` or ``background_small2``.
+    Images are resized to ``image_size`` (Lanczos) and inverted, so strokes are bright on a zero
+    background. ``alphabets`` keeps only the named alphabets; ``rotations=True`` adds rotated copies
+    of each character as new classes (the MAML paper's augmentation). The decoded images are cached
+    as ``.npy``: ``cache=True`` next to the data (when that folder is writable), a path puts the
+    cache in that folder, ``False`` turns it off.
+    """
+
+    def __init__(self, root, split: str = "background", image_size: int = 28, rotations: bool = False,
+                 download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=True):
+        if split not in SPLITS:
+            raise ValueError(f"Omniglot: split must be one of {sorted(SPLITS)}, got {split!r}")
+        root = Path(root).expanduser()
+        base = SPLITS[split]
+        entries, fingerprint = _list_source(root, base)
+        if entries is None and download:
+            archive = fetch(_URL.format(base), root / f"{base}.zip", CHECKSUMS[base])
+            extract_zip(archive, root)
+            entries, fingerprint = _list_source(root, base)
+        if entries is None:
+            raise FileNotFoundError(
+                f"Omniglot split {split!r}: neither {root / base}/ nor {root / (base + '.zip')} exists. "
+                f"Download {_URL.format(base)} into {root}, or pass download=True.")
+        if not entries:
+            raise ValueError(f"Omniglot split {split!r}: no <alphabet>/<character>/*.png images under {root}")
+        class_names = sorted({name for name, _, _ in entries})
+        if alphabets is not None:
+            wanted = set(alphabets)
+            known = {name.split("/")[0] for name in class_names}
+            missing = wanted - known
+            if missing:
+                raise ValueError(f"Omniglot split {split!r} has no alphabet(s) {sorted(missing)}; "
+                                 f"it has {sorted(known)}")
+            class_names = [n for n in class_names if n.split("/")[0] in wanted]
+            entries = [e for e in entries if e[0].split("/")[0] in wanted]
+        index = {name: i for i, name in enumerate(class_names)}
+
+        def build():
+            array, _ = load_images([(source, read) for _, source, read in entries], image_size, 1)
+            return 255 - array
+
+        cache_path = cache_location(cache, root, f"{base}_{image_size}px")
+        images = torch.from_numpy(cached_array(cache_path, f"{fingerprint}:{sorted(alphabets or [])}", build))
+        targets = torch.tensor([index[name] for name, _, _ in entries])
+        if rotations:
+            images, targets, class_names = _rotate(images, targets, class_names)
+        super().__init__(images, targets, class_names)
+        self.split, self.root = split, root
+
+
+def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: int = 0,
+                  image_size: int = 28, rotations: bool = True, download: bool = False,
+                  splits: Sequence[str] = ("background", "evaluation")) -> Tuple[ImageSet, ImageSet, ImageSet]:
+    """The MAML paper's Omniglot protocol: pool all characters of ``splits`` (1623 for the full
+    data set), shuffle them with ``seed``, and take ``train_classes`` for meta-training (of which the
+    last ``val_classes`` are carved out for validation) and the rest for testing. Characters present
+    in several splits (Greek and Latin in both minimal sets) count once. Rotations, when on, are
+    added within each part, so a character and its rotations never straddle two parts.
+
+    Returns ``(train, val, test)``; ``val`` is empty (0 classes) when ``val_classes=0``.
+    """
+    parts = [Omniglot(root, s, image_size=image_size, download=download) for s in splits]
+    names, images, targets = [], [], []
+    seen = set()
+    for part in parts:
+        for c, name in enumerate(part.class_names):
+            if name in seen:
+                continue
+            seen.add(name)
+            idx = part.indices_of(c)
+            images.append(part.images[idx])
+            targets.append(torch.full((len(idx),), len(names)))
+            names.append(name)
+    if not 0 <= val_classes <= train_classes < len(names):
+        raise ValueError(f"maml_protocol: need 0 <= val_classes ({val_classes}) <= train_classes "
+                         f"({train_classes}) < number of characters ({len(names)})")
+    pool = ImageSet(torch.cat(images), torch.cat(targets), names)
+    order = np.random.default_rng(seed).permutation(len(names)).tolist()
+    train_ids = order[:train_classes - val_classes]
+    val_ids = order[train_classes - val_classes:train_classes]
+    test_ids = order[train_classes:]
+
+    def part(ids):
+        subset = pool.subset(ids)
+        if rotations and ids:
+            return ImageSet(*_rotate(subset.images, subset.targets, subset.class_names))
+        return subset
+
+    return part(train_ids), part(val_ids), part(test_ids)

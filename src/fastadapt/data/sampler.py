@@ -1,0 +1,95 @@
+"""N-way K-shot episodes drawn from a class-indexed image set."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from .episodes import TaskBatch
+
+_TRAIN_STREAM, _FIXED_STREAM = 0, 1
+
+
+class EpisodeSampler(torch.utils.data.IterableDataset):
+    """Meta-batches of few-shot classification tasks.
+
+    Each task has ``n_way`` distinct classes and ``k_shot + k_query`` distinct images per class,
+    so no image is both in the support and the query set. Labels are 0..n_way-1 assigned to the
+    classes in a random order per task. Images are float in [0, 1] (uint8 / 255).
+
+    Episode ``i`` is a pure function of ``(seed, i)``: iterating yields episodes ``start``,
+    ``start + 1``, ... forever, on any machine; in a ``DataLoader`` (``batch_size=None``) worker
+    ``w`` of ``W`` yields ``start + w``, ``start + w + W``, ..., which the loader interleaves back
+    into the same order, so no episode repeats across workers. ``fixed(n)`` is a separate stream
+    of ``n`` episodes, the same on every call (for evaluation).
+
+    ``augment(images, generator)``, if given, maps the float images of one meta-batch
+    ``[N, C, H, W]`` to new ones of the same shape, using the numpy ``generator`` for randomness.
+    """
+
+    def __init__(self, dataset, n_way: int, k_shot: int, k_query: int, batch_size: int, seed: int = 0,
+                 augment: Optional[Callable] = None):
+        super().__init__()
+        for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EpisodeSampler: {name} must be a positive integer, got {value!r}")
+        if n_way > dataset.num_classes:
+            raise ValueError(f"EpisodeSampler: n_way={n_way} is larger than the {dataset.num_classes} classes "
+                             f"of {dataset!r}")
+        sizes = [len(dataset.indices_of(c)) for c in range(dataset.num_classes)]
+        smallest = int(np.argmin(sizes))
+        if k_shot + k_query > sizes[smallest]:
+            raise ValueError(f"EpisodeSampler: k_shot + k_query = {k_shot + k_query} is larger than class "
+                             f"{dataset.class_names[smallest]!r}, which has {sizes[smallest]} images")
+        self.dataset = dataset
+        self.n_way, self.k_shot, self.k_query, self.batch_size = n_way, k_shot, k_query, batch_size
+        self.seed = seed
+        self.augment = augment
+        self.start = 0
+        self._class_indices = [dataset.indices_of(c).numpy() for c in range(dataset.num_classes)]
+
+    def episode(self, index: int, stream: int = _TRAIN_STREAM) -> TaskBatch:
+        rng = np.random.default_rng([self.seed, stream, index])
+        per_class = self.k_shot + self.k_query
+        picks = np.empty((self.batch_size, self.n_way, per_class), dtype=np.int64)
+        labels = np.empty((self.batch_size, self.n_way), dtype=np.int64)
+        for task in range(self.batch_size):
+            classes = rng.choice(len(self._class_indices), self.n_way, replace=False)
+            for slot, cls in enumerate(classes):
+                members = self._class_indices[cls]
+                picks[task, slot] = members[rng.choice(len(members), per_class, replace=False)]
+            labels[task] = rng.permutation(self.n_way)
+        images = self.dataset.images[torch.from_numpy(picks.reshape(-1))].float().div_(255)
+        if self.augment is not None:
+            images = self.augment(images, rng)
+        images = images.reshape(self.batch_size, self.n_way, per_class, *images.shape[1:])
+        labels = torch.from_numpy(labels)[:, :, None]
+        k, shape = self.k_shot, images.shape[3:]
+        return TaskBatch(
+            support_x=images[:, :, :k].reshape(self.batch_size, self.n_way * k, *shape),
+            support_y=labels.expand(-1, -1, k).reshape(self.batch_size, -1),
+            query_x=images[:, :, k:].reshape(self.batch_size, self.n_way * self.k_query, *shape),
+            query_y=labels.expand(-1, -1, self.k_query).reshape(self.batch_size, -1),
+        )
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        offset, stride = (0, 1) if info is None else (info.id, info.num_workers)
+        index = self.start + offset
+        while True:
+            yield self.episode(index)
+            index += stride
+
+    def fixed(self, episodes: int) -> List[TaskBatch]:
+        """``episodes`` meta-batches from a stream separate from training, the same every call."""
+        if episodes <= 0:
+            raise ValueError(f"EpisodeSampler.fixed: episodes must be positive, got {episodes}")
+        return [self.episode(i, _FIXED_STREAM) for i in range(episodes)]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.start = int(state["seed"]), int(state["start"])
