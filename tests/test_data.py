@@ -58,11 +58,11 @@ def test_omniglot_alphabets_rotations_and_errors(omniglot_root, tmp_path):
 def test_omniglot_folder_equals_zip_and_cache_round_trips(omniglot_root, tmp_path):
     extract_zip(omniglot_root / "images_background_small1.zip", tmp_path)
     from_zip = Omniglot(omniglot_root, "background_small1", alphabets=["Latin"], cache=False)
-    from_folder = Omniglot(tmp_path, "background_small1", alphabets=["Latin"])
+    from_folder = Omniglot(tmp_path, "background_small1", alphabets=["Latin"], cache=True)
     assert from_folder.class_names == from_zip.class_names
     assert torch.equal(from_folder.images, from_zip.images)
     assert len(list(tmp_path.glob("*.npy"))) == 1
-    cached = Omniglot(tmp_path, "background_small1", alphabets=["Latin"])
+    cached = Omniglot(tmp_path, "background_small1", alphabets=["Latin"], cache=True)
     assert torch.equal(cached.images, from_zip.images)
 
 
@@ -139,7 +139,7 @@ def test_episodes_are_deterministic_across_processes():
 
 def test_dataloader_workers_give_the_same_episodes_without_repeats():
     sampler = EpisodeSampler(coded_set(), 3, 1, 2, 4, seed=3)
-    direct = [b for _, b in zip(range(6), sampler)]
+    direct = [b for _, b in zip(range(6), EpisodeSampler(coded_set(), 3, 1, 2, 4, seed=3))]
     loader = torch.utils.data.DataLoader(sampler, batch_size=None, num_workers=2)
     loaded = [b for _, b in zip(range(6), loader)]
     for a, b in zip(direct, loaded):
@@ -153,11 +153,13 @@ def test_fixed_episodes_repeat_and_resume_state():
     first, second = sampler.fixed(3), sampler.fixed(3)
     assert all(torch.equal(a.query_x, b.query_x) for a, b in zip(first, second))
     assert not torch.equal(first[0].support_x, next(iter(sampler)).support_x)
+    sampler = EpisodeSampler(coded_set(), 3, 1, 2, 4, seed=3)
     stream = iter(sampler)
     episodes = [next(stream) for _ in range(4)]
     resumed = EpisodeSampler(coded_set(), 3, 1, 2, 4, seed=0)
     resumed.load_state_dict({"seed": 3, "start": 2})
     assert torch.equal(next(iter(resumed)).support_x, episodes[2].support_x)
+    assert sampler.state_dict() == {"seed": 3, "start": 4}
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -15,10 +15,12 @@ class ImageFolder(ImageSet):
     Images are converted to ``channels`` (1: grey, 3: RGB) and resized to ``image_size`` squared.
     A file that cannot be decoded raises a ``ValueError`` naming it (``on_error="raise"``, the
     default) or is skipped with a warning naming it (``on_error="skip"``); it is never given a
-    label. A class folder with no usable image is an error.
+    label. A class folder with no usable image is an error. ``strict_channels=True`` makes an
+    image of another channel count (colour in a grey set, or the reverse) an error too.
     """
 
-    def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise"):
+    def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise",
+                 strict_channels: bool = False):
         root = Path(root).expanduser()
         if channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels!r}")
@@ -34,7 +36,8 @@ class ImageFolder(ImageSet):
                 raise ValueError(f"ImageFolder: class folder {root / name} is empty")
             files += members
             labels += [label] * len(members)
-        images, kept = load_images([(str(p), p.read_bytes) for p in files], image_size, channels, on_error)
+        images, kept = load_images([(str(p), p.read_bytes) for p in files], image_size, channels, on_error,
+                                   strict_channels)
         targets = torch.tensor([labels[i] for i in kept], dtype=torch.long)
         counts = torch.bincount(targets, minlength=len(classes))
         empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]

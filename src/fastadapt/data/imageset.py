@@ -64,28 +64,38 @@ class ImageSet:
                 f"{tuple(self.images.shape[1:])})")
 
 
-def decode_image(data: bytes, image_size: int, channels: int, source: str) -> np.ndarray:
-    """Decode one image to uint8 ``[channels, image_size, image_size]``; errors name ``source``."""
+_GREY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
+
+
+def decode_image(data: bytes, image_size: int, channels: int, source: str, strict_channels: bool = False) -> np.ndarray:
+    """Decode one image to uint8 ``[channels, image_size, image_size]``; errors name ``source``.
+
+    With ``strict_channels`` an image whose own channel count (grey 1, colour 3) differs from
+    ``channels`` is an error rather than converted.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            native = 1 if img.mode in _GREY_MODES else 3
+            if strict_channels and native != channels:
+                raise ValueError(f"{source}: image has {native} channel(s) ({img.mode}), expected {channels}")
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"{source}: cannot decode image ({error})") from error
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def load_images(items: Sequence[Tuple[str, callable]], image_size: int, channels: int,
-                on_error: str = "raise") -> Tuple[np.ndarray, List[int]]:
+                on_error: str = "raise", strict_channels: bool = False) -> Tuple[np.ndarray, List[int]]:
     """Decode ``(source, read_bytes)`` pairs; returns the stacked images and the kept positions."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     arrays, kept = [], []
     for position, (source, read) in enumerate(items):
         try:
-            arrays.append(decode_image(read(), image_size, channels, source))
+            arrays.append(decode_image(read(), image_size, channels, source, strict_channels))
             kept.append(position)
         except ValueError as error:
             if on_error == "raise":

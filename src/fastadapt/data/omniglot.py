@@ -70,12 +70,12 @@ class Omniglot(ImageSet):
     Images are resized to ``image_size`` (Lanczos) and inverted, so strokes are bright on a zero
     background. ``alphabets`` keeps only the named alphabets; ``rotations=True`` adds rotated copies
     of each character as new classes (the MAML paper's augmentation). The decoded images are cached
-    as ``.npy``: ``cache=True`` next to the data (when that folder is writable), a path puts the
-    cache in that folder, ``False`` turns it off.
+    as ``.npy`` if asked: ``cache=True`` next to the data (when that folder is writable), a path
+    puts the cache in that folder; off by default (decoding the full set takes seconds).
     """
 
     def __init__(self, root, split: str = "background", image_size: int = 28, rotations: bool = False,
-                 download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=True):
+                 download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=False):
         if split not in SPLITS:
             raise ValueError(f"Omniglot: split must be one of {sorted(SPLITS)}, got {split!r}")
         root = Path(root).expanduser()

@@ -20,7 +20,7 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
     classes in a random order per task. Images are float in [0, 1] (uint8 / 255).
 
     Episode ``i`` is a pure function of ``(seed, i)``: iterating yields episodes ``start``,
-    ``start + 1``, ... forever, on any machine; in a ``DataLoader`` (``batch_size=None``) worker
+    ``start + 1``, ... forever, on any machine, advancing ``start`` as it goes (``state_dict``); in a ``DataLoader`` (``batch_size=None``) worker
     ``w`` of ``W`` yields ``start + w``, ``start + w + W``, ..., which the loader interleaves back
     into the same order, so no episode repeats across workers. ``fixed(n)`` is a separate stream
     of ``n`` episodes, the same on every call (for evaluation).
@@ -76,11 +76,15 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        offset, stride = (0, 1) if info is None else (info.id, info.num_workers)
-        index = self.start + offset
+        if info is None:
+            while True:  # in-process: ``start`` tracks consumption, so state_dict() can resume
+                batch = self.episode(self.start)
+                self.start += 1
+                yield batch
+        index = self.start + info.id
         while True:
             yield self.episode(index)
-            index += stride
+            index += info.num_workers
 
     def fixed(self, episodes: int) -> List[TaskBatch]:
         """``episodes`` meta-batches from a stream separate from training, the same every call."""

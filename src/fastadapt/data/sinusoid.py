@@ -14,11 +14,12 @@ class Sinusoid:
 
     Each task has ``k_shot`` support and ``k_query`` query points; targets carry a feature axis
     (``support_y`` is ``[T, k_shot, 1]``). The stream of tasks is reproducible for a seed; the task
-    parameters of the last ``sample`` are kept in ``last_amplitude`` / ``last_phase``.
+    parameters of the last ``sample`` are kept in ``last_amplitude`` / ``last_phase``. Iterating
+    yields meta-batches of ``batch_size`` tasks forever; ``state_dict`` captures the stream's position.
     """
 
     def __init__(self, k_shot: int = 10, k_query: int = 10, amplitude=(0.1, 5.0),
-                 phase=(0.0, math.pi), x_range=(-5.0, 5.0), seed: int = 0):
+                 phase=(0.0, math.pi), x_range=(-5.0, 5.0), seed: int = 0, batch_size: int = 25):
         if k_shot <= 0 or k_query <= 0:
             raise ValueError(f"Sinusoid: k_shot and k_query must be positive, got {k_shot}, {k_query}")
         for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
@@ -26,7 +27,7 @@ class Sinusoid:
                 raise ValueError(f"Sinusoid: {name} must be (low, high) with low <= high, got {(lo, hi)}")
         self.k_shot, self.k_query = k_shot, k_query
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
-        self.seed = seed
+        self.seed, self.batch_size = seed, batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def _uniform(self, bounds, *shape):
@@ -44,3 +45,14 @@ class Sinusoid:
         s = self.k_shot
         return TaskBatch(x[:, :s], y[:, :s], x[:, s:], y[:, s:])
 
+
+    def __iter__(self):
+        while True:
+            yield self.sample(self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"])

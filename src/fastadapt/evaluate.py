@@ -1,0 +1,67 @@
+"""Evaluation on fixed episodes: per-inner-step accuracy with 95% confidence intervals."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+def confidence_interval(values: torch.Tensor) -> torch.Tensor:
+    """Half-width of the normal 95% interval of the mean over axis 0: 1.96 * std / sqrt(n),
+    with the sample standard deviation (n - 1 in the denominator)."""
+    n = values.shape[0]
+    if n < 2:
+        return torch.zeros_like(values[0], dtype=torch.float64)
+    return 1.96 * values.double().std(dim=0, unbiased=True) / math.sqrt(n)
+
+
+@dataclass
+class EvalResult:
+    """Per-inner-step means and 95% interval half-widths over ``tasks`` tasks."""
+
+    accuracy: Optional[torch.Tensor]
+    accuracy_ci: Optional[torch.Tensor]
+    loss: torch.Tensor
+    loss_ci: torch.Tensor
+    tasks: int
+
+    def table(self) -> str:
+        lines = [f"{self.tasks} test tasks, mean and 95% confidence interval per inner step:"]
+        if self.accuracy is not None:
+            lines.append(f"{'step':>4s} {'accuracy':>18s} {'loss':>18s}")
+            for s in range(len(self.loss)):
+                lines.append(f"{s:4d} {100 * self.accuracy[s]:9.2f}% ± {100 * self.accuracy_ci[s]:5.2f} "
+                             f"{self.loss[s]:9.4f} ± {self.loss_ci[s]:6.4f}")
+        else:
+            lines.append(f"{'step':>4s} {'query loss':>20s}")
+            for s in range(len(self.loss)):
+                lines.append(f"{s:4d} {self.loss[s]:11.4f} ± {self.loss_ci[s]:6.4f}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        out = {"tasks": self.tasks, "loss": self.loss.tolist(), "loss_ci": self.loss_ci.tolist()}
+        if self.accuracy is not None:
+            out.update(accuracy=self.accuracy.tolist(), accuracy_ci=self.accuracy_ci.tolist())
+        return out
+
+
+def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None) -> EvalResult:
+    """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
+    ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss.
+    The meta-parameters and buffers are left untouched."""
+    losses, accuracies = [], []
+    for batch in episodes:
+        out = learner.fine_tune(batch.to(device) if device is not None else batch, steps=inner_steps)
+        losses.append(out.task_loss.double().cpu())
+        if out.task_accuracy is not None:
+            accuracies.append(out.task_accuracy.double().cpu())
+    if not losses:
+        raise ValueError("evaluate: no episodes given")
+    loss = torch.cat(losses)
+    accuracy = torch.cat(accuracies) if accuracies else None
+    return EvalResult(accuracy=None if accuracy is None else accuracy.mean(0),
+                      accuracy_ci=None if accuracy is None else confidence_interval(accuracy),
+                      loss=loss.mean(0), loss_ci=confidence_interval(loss), tasks=loss.shape[0])

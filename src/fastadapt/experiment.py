@@ -1,0 +1,156 @@
+"""A run's configuration, and building its data, model and learner from it.
+
+The configuration is a flat dict of plain values (it is stored in every checkpoint, so a run can
+be evaluated, resumed or used for prediction without its command line).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import algorithms, data, models
+
+DEFAULTS = dict(
+    dataset="glyphs", root=None, download=False, algo="maml",
+    n_way=5, k_shot=1, k_query=15, task_batch=8, inner_steps=3, inner_steps_test=5,
+    inner_lr=0.4, meta_lr=1e-3, first_order=False, steps=300, eval_every=100, log_every=30,
+    val_episodes=100, test_episodes=600, eval_batch=25, seed=0, device="cpu",
+    image_size=None, channels=None, hidden=None, pool=None, cosine=False, clip_grad=None,
+    train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
+    test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
+)
+
+# The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
+PRESETS = {
+    "omniglot-5w1s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=5, k_shot=1, k_query=15,
+                          task_batch=32, inner_steps=1, inner_steps_test=3, inner_lr=0.4, steps=60000,
+                          eval_every=1000),
+    "omniglot-5w5s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=5, k_shot=5, k_query=15,
+                          task_batch=32, inner_steps=1, inner_steps_test=3, inner_lr=0.4, steps=60000,
+                          eval_every=1000),
+    "omniglot-20w1s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=20, k_shot=1, k_query=15,
+                           task_batch=16, inner_steps=5, inner_steps_test=5, inner_lr=0.1, steps=60000,
+                           eval_every=1000),
+    "omniglot-20w5s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=20, k_shot=5, k_query=15,
+                           task_batch=16, inner_steps=5, inner_steps_test=5, inner_lr=0.1, steps=60000,
+                           eval_every=1000),
+    "miniimagenet-5w1s": dict(dataset="miniimagenet", n_way=5, k_shot=1, k_query=15, task_batch=4,
+                              inner_steps=5, inner_steps_test=10, inner_lr=0.01, steps=60000, eval_every=1000),
+    "miniimagenet-5w5s": dict(dataset="miniimagenet", n_way=5, k_shot=5, k_query=15, task_batch=2,
+                              inner_steps=5, inner_steps_test=10, inner_lr=0.01, steps=60000, eval_every=1000),
+    "sinusoid": dict(dataset="sinusoid", k_shot=10, k_query=10, task_batch=25, inner_steps=1,
+                     inner_steps_test=10, inner_lr=0.01, steps=70000, eval_every=5000, log_every=1000),
+}
+
+DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+ALGORITHMS = {
+    "maml": lambda model, c, loss: algorithms.MAML(model, c["inner_lr"], c["inner_steps"], c["first_order"],
+                                                   loss=loss, task_chunk=c["task_chunk"]),
+    "fomaml": lambda model, c, loss: algorithms.MAML(model, c["inner_lr"], c["inner_steps"], True,
+                                                     loss=loss, task_chunk=c["task_chunk"]),
+}
+
+
+def resolve(config: dict) -> dict:
+    """Fill the derived defaults (image size, channels, network width) for the data set."""
+    c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    if c["dataset"] not in DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {c['dataset']!r}")
+    if c["algo"] not in ALGORITHMS:
+        raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {c['algo']!r}")
+    mini = c["dataset"] == "miniimagenet"
+    c["image_size"] = c["image_size"] or (84 if mini else 28)
+    c["channels"] = c["channels"] or (3 if c["dataset"] in ("miniimagenet", "folder") else 1)
+    c["pool"] = c["pool"] or ("max" if c["image_size"] > 32 else "stride")
+    c["hidden"] = c["hidden"] or (32 if c["pool"] == "max" else 64)
+    if c["dataset"] in ("omniglot", "miniimagenet", "folder") and not c["root"]:
+        raise ValueError(f"--dataset {c['dataset']} needs --root PATH")
+    for key in ("n_way", "k_shot", "k_query", "task_batch", "steps", "val_episodes", "test_episodes", "eval_batch"):
+        if not isinstance(c[key], int) or c[key] <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]!r}")
+    return c
+
+
+def build_model(c: dict):
+    if c["dataset"] == "sinusoid":
+        return models.mlp()
+    return models.conv4(c["channels"], c["n_way"], c["hidden"], c["image_size"], c["pool"])
+
+
+def build_learner(c: dict, model=None):
+    model = build_model(c) if model is None else model
+    loss = "mse" if c["dataset"] == "sinusoid" else "cross_entropy"
+    return ALGORITHMS[c["algo"]](model, c, loss).to(c["device"])
+
+
+def _alphabets(value):
+    return None if value is None else [a for a in value.split(",") if a] if isinstance(value, str) else list(value)
+
+
+def build_sets(c: dict):
+    """(train, val, test) class-indexed sets of an image data set."""
+    name, root = c["dataset"], c["root"]
+    size = c["image_size"]
+    if name == "glyphs":
+        return tuple(data.Glyphs(num_classes=n, image_size=size, seed=c["seed"], split=s)
+                     for s, n in (("train", c["glyph_classes"]), ("val", 50), ("test", 100)))
+    if name == "omniglot":
+        if c["protocol"] == "maml":
+            return data.maml_protocol(root, val_classes=100, seed=c["seed"], image_size=size,
+                                      rotations=c["rotations"], download=c["download"])
+        if c["protocol"] not in (None, "official"):
+            raise ValueError(f"--protocol must be 'maml' or 'official', got {c['protocol']!r}")
+        train_split = c["train_split"] or "background"
+        val_split = c["val_split"] or "evaluation"
+
+        def load(split, alphabets, rotations):
+            return data.Omniglot(root, split, image_size=size, rotations=rotations, download=c["download"],
+                                 alphabets=_alphabets(alphabets))
+        train = load(train_split, c["train_alphabets"], c["rotations"])
+        val = load(val_split, c["val_alphabets"], False)
+        test = load(c["test_split"] or val_split, c["test_alphabets"] or c["val_alphabets"], False)
+        return train, val, test
+    if name == "miniimagenet":
+        return tuple(data.MiniImageNet(root, s, image_size=size) for s in ("train", "val", "test"))
+    if name == "folder":
+        root = Path(root)
+        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+        return tuple(data.ImageFolder(d, image_size=size, channels=c["channels"])
+                     for d in (root / "train", root / "val", test_dir))
+    raise ValueError(f"no image sets for dataset {name!r}")
+
+
+def fixed_tasks(c: dict, dataset, count: int, seed_offset: int):
+    """``count`` fixed tasks in batches of ``eval_batch`` (the same on every call)."""
+    batch = min(c["eval_batch"], count)
+    if c["dataset"] == "sinusoid":
+        tasks = data.Sinusoid(c["k_shot"], c["k_query"], seed=c["seed"] + seed_offset).sample(count)
+        return list(tasks.split(batch))
+    sampler = data.EpisodeSampler(dataset, c["n_way"], c["k_shot"], c["k_query"], batch, seed=c["seed"] + seed_offset)
+    episodes = sampler.fixed(math.ceil(count / batch))
+    extra = len(episodes) * batch - count
+    if extra:
+        episodes[-1] = episodes[-1][: batch - extra]
+    return episodes
+
+
+def build_data(c: dict, splits=("train", "val", "test")):
+    """The training task stream and the fixed validation and test tasks named in ``splits``."""
+    out = {}
+    if c["dataset"] == "sinusoid":
+        if "train" in splits:
+            out["train"] = data.Sinusoid(c["k_shot"], c["k_query"], seed=c["seed"], batch_size=c["task_batch"])
+        if "val" in splits:
+            out["val"] = fixed_tasks(c, None, c["val_episodes"], 1)
+        if "test" in splits:
+            out["test"] = fixed_tasks(c, None, c["test_episodes"], 2)
+        return out
+    train, val, test = build_sets(c)
+    if "train" in splits:
+        out["train"] = data.EpisodeSampler(train, c["n_way"], c["k_shot"], c["k_query"], c["task_batch"], seed=c["seed"])
+    if "val" in splits:
+        out["val"] = fixed_tasks(c, val, c["val_episodes"], 1)
+    if "test" in splits:
+        out["test"] = fixed_tasks(c, test, c["test_episodes"], 2)
+    return out

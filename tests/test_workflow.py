@@ -1,0 +1,206 @@
+"""Trainer, evaluation, checkpoints and the command line, on tiny settings."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastadapt import experiment
+from fastadapt.checkpoint import load_checkpoint, save_checkpoint
+from fastadapt.cli import main
+from fastadapt.data import Glyphs
+from fastadapt.evaluate import confidence_interval, evaluate
+from fastadapt.train import Trainer, TrainingDiverged
+
+TINY = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=2,
+            inner_steps=1, inner_steps_test=2, steps=6, eval_every=3, log_every=2, val_episodes=4,
+            test_episodes=4, eval_batch=2, cosine=True, clip_grad=10.0)
+TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
+             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "4",
+             "--eval-every", "2", "--log-every", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet"]
+
+
+def test_confidence_interval_formula():
+    values = torch.tensor([[0.2, 1.0], [0.4, 1.0], [0.9, 1.0], [0.5, 1.0]])
+    expected = 1.96 * np.std(values.numpy(), axis=0, ddof=1) / math.sqrt(4)
+    torch.testing.assert_close(confidence_interval(values), torch.tensor(expected, dtype=torch.float64))
+
+
+def make_trainer(out_dir, config=None, tasks=None):
+    c = experiment.resolve({**TINY, **(config or {})})
+    torch.manual_seed(c["seed"])
+    learner = experiment.build_learner(c)
+    sources = experiment.build_data(c, splits=("train", "val"))
+    return Trainer(learner, tasks or sources["train"], c, out_dir, sources["val"])
+
+
+def test_evaluate_is_deterministic_and_leaves_model_unchanged(tmp_path):
+    trainer = make_trainer(None)
+    c = trainer.config
+    tasks = experiment.build_data(c, splits=("test",))["test"]
+    again = experiment.build_data(c, splits=("test",))["test"]
+    before = {k: v.clone() for k, v in trainer.learner.state_dict().items()}
+    a, b = evaluate(trainer.learner, tasks, 3), evaluate(trainer.learner, again, 3)
+    assert a.tasks == 4 and a.accuracy.shape == (4,)
+    assert torch.equal(a.accuracy, b.accuracy) and torch.equal(a.loss_ci, b.loss_ci)
+    assert all(torch.equal(v, trainer.learner.state_dict()[k]) for k, v in before.items())
+    assert "95% confidence interval" in a.table()
+
+
+class InterruptAfter:
+    """A task source that raises KeyboardInterrupt on draw number ``n + 1``."""
+
+    def __init__(self, tasks, n):
+        self.tasks, self.n = tasks, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.tasks):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield batch
+
+    def state_dict(self):
+        return self.tasks.state_dict()
+
+    def load_state_dict(self, state):
+        self.tasks.load_state_dict(state)
+
+
+def test_resume_ends_bit_identical_to_uninterrupted_run(tmp_path):
+    straight = make_trainer(tmp_path / "a").fit(progress=False)
+    interrupted = make_trainer(tmp_path / "b")
+    interrupted.tasks = InterruptAfter(interrupted.tasks, 4)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit(progress=False)
+    assert load_checkpoint(tmp_path / "b")["step"] == 4
+    resumed = make_trainer(tmp_path / "b")
+    resumed.resume(tmp_path / "b" / "last.pt")
+    resumed.fit(progress=False)
+    final_a, final_b = straight.learner.state_dict(), resumed.learner.state_dict()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert len(records[0]["accuracy"]) == 2 and "examples_per_s" in records[0]
+    assert (tmp_path / "a" / "best.pt").is_file()
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path)
+    real = trainer.tasks
+
+    class PoisonAfter(InterruptAfter):
+        def __iter__(self):
+            for i, batch in enumerate(real):
+                if i == self.n:
+                    batch.query_x[:] = float("nan")
+                yield batch
+
+    trainer.tasks = PoisonAfter(real, 3)
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        trainer.fit(progress=False)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {"a": 1}}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "config": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["ck.pt"]
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": {}, "config": {}, "payload": Glyphs}, unsafe)
+    with pytest.raises(ValueError, match="not a loadable fastadapt checkpoint"):
+        load_checkpoint(unsafe)
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_cli_train_eval_predict_plot(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "4 test tasks" in out and (run / "last.pt").is_file() and (run / "test.json").is_file()
+    assert load_checkpoint(run)["config"]["k_shot"] == 1
+
+    assert main(["eval", str(run), "--episodes", "6", "--inner-steps-test", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "6 test tasks" in table and table.strip().splitlines()[-1].split()[0] == "1"
+
+    glyphs = Glyphs(num_classes=3, examples_per_class=3, split="test")
+    for c in range(3):
+        for e in range(3):
+            image = 255 - glyphs.images[3 * c + e, 0].numpy()
+            folder = tmp_path / ("support" if e == 0 else "query")
+            write_png(folder / f"class{c}" / f"{e}.png", image)
+    assert main(["predict", str(run), "--support", str(tmp_path / "support"),
+                 "--query", str(tmp_path / "query"), "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6
+    assert all(line.rsplit(",", 1)[1] in {"class0", "class1", "class2"} for line in lines)
+
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run)]) == 0
+    assert (run / "learning_curves.png").stat().st_size > 1000 and (run / "inner_steps.png").is_file()
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["train", "--dataset", "omniglot", "--root", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastadapt train: error:") and "images_background" in err and "\n" not in err
+    assert main(["train", "--dataset", "omniglot", "--quiet"]) == 2
+    assert "needs --root" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", *TINY_ARGS, "--n-way", "0"]) == 2
+    assert "--n-way must be a positive integer" in capsys.readouterr().err
+
+
+def test_predict_rejects_wrong_class_count_and_channels(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--epoch", "1", "--out", str(run)]) == 0
+    grey = np.full((28, 28), 128, dtype=np.uint8)
+    for c in range(2):
+        write_png(tmp_path / "two" / f"c{c}" / "0.png", grey)
+    write_png(tmp_path / "query" / "q.png", grey)
+    assert main(["predict", str(run), "--support", str(tmp_path / "two"), "--query", str(tmp_path / "query")]) == 2
+    assert "2 class folders, but the model is 3-way" in capsys.readouterr().err
+    for c in range(3):
+        write_png(tmp_path / "three" / f"c{c}" / "0.png", grey)
+    write_png(tmp_path / "colour" / "q.png", np.zeros((28, 28, 3), dtype=np.uint8))
+    assert main(["predict", str(run), "--support", str(tmp_path / "three"), "--query", str(tmp_path / "colour")]) == 2
+    assert "q.png: image has 3 channel(s)" in capsys.readouterr().err
+
+
+def test_seed_aliases_and_presets_fill_the_config():
+    from fastadapt.cli import _config_from, build_parser
+    args = build_parser().parse_args(["train", "--preset", "omniglot-20w1s", "--root", "x", "--update-lr", "0.2",
+                                      "--imgsz", "28", "--imgc", "1"])
+    c = _config_from(args)
+    assert (c["n_way"], c["inner_steps"], c["task_batch"], c["inner_lr"]) == (20, 5, 16, 0.2)
+    assert c["protocol"] == "maml" and c["rotations"] is True
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "Finn, Abbeel and Levine" in help_text
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "fastadapt", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--k-spt" in result.stdout
