@@ -49,6 +49,10 @@ ALGORITHMS = {
                                                    loss=loss, task_chunk=c["task_chunk"]),
     "fomaml": lambda model, c, loss: algorithms.MAML(model, c["inner_lr"], c["inner_steps"], True,
                                                      loss=loss, task_chunk=c["task_chunk"]),
+    "metasgd": lambda model, c, loss: algorithms.MetaSGD(model, c["inner_lr"], c["inner_steps"], c["first_order"],
+                                                         loss=loss, task_chunk=c["task_chunk"]),
+    "anil": lambda model, c, loss: algorithms.ANIL(model, c["inner_lr"], c["inner_steps"], c["first_order"],
+                                                   loss=loss, task_chunk=c["task_chunk"]),
 }
 
 

@@ -1,6 +1,8 @@
 """Meta-learning algorithms: each is an inner loop over one task, on the shared vectorised engine."""
 
 from .base import MetaLearner, MetaOutput, batch_statistics
+from .anil import ANIL
 from .maml import MAML
+from .metasgd import MetaSGD
 
-__all__ = ["MetaLearner", "MetaOutput", "MAML", "batch_statistics"]
+__all__ = ["MetaLearner", "MetaOutput", "MAML", "MetaSGD", "ANIL", "batch_statistics"]
