@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import experiment
+from . import distributed, experiment
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate
 
@@ -56,6 +56,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--rotations", action="store_true", default=None, help="Omniglot: rotated characters as new classes")
     add("--protocol", choices=["maml", "official"], help="Omniglot: 'maml' = 1200/423 character split")
     add("--glyph-classes", type=int)
+    add("--dtype", choices=["float32", "float64"])
 
 
 def _config_from(args) -> dict:
@@ -75,26 +76,33 @@ def cmd_train(args) -> int:
     else:
         config = _config_from(args)
         out = Path(args.out or f"runs/{config['dataset']}-{config['n_way']}w{config['k_shot']}s-{time.strftime('%Y%m%d-%H%M%S')}")
+    ctx = distributed.init(config["device"])
+    config = dict(config, device=distributed.device_for(config["device"]))
     torch.manual_seed(config["seed"])
     learner = experiment.build_learner(config)
     sources = experiment.build_data(config)
-    trainer = Trainer(learner, sources["train"], config, out, sources["val"])
+    trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx)
     if args.resume:
         trainer.resume(args.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    print(f"run folder {out}  ({config['dataset']}, {config['algo']}, {config['n_way']}-way {config['k_shot']}-shot)")
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    workers = f", {ctx.world_size} processes" if ctx.enabled else ""
+    say(f"run folder {out}  ({config['dataset']}, {config['algo']}, {config['n_way']}-way {config['k_shot']}-shot{workers})")
     start = time.perf_counter()
     try:
         trainer.fit(progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"stopped; continue with: fastadapt train --resume {out}", file=sys.stderr)
+        say(f"stopped; continue with: fastadapt train --resume {out}", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
     result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
-    (out / "test.json").write_text(json.dumps({**result.as_dict(), "train_seconds": seconds}, indent=2))
-    print(f"trained {config['steps']} steps in {seconds:.0f} s; test:")
-    print(result.table())
+    if ctx.is_main:
+        (out / "test.json").write_text(json.dumps({**result.as_dict(), "train_seconds": seconds}, indent=2))
+    say(f"trained {config['steps']} steps in {seconds:.0f} s; test:")
+    say(result.table())
+    distributed.shutdown()
     return 0
 
 

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from . import distributed
+
 
 def confidence_interval(values: torch.Tensor) -> torch.Tensor:
     """Half-width of the normal 95% interval of the mean over axis 0: 1.96 * std / sqrt(n),
@@ -51,13 +53,18 @@ class EvalResult:
 def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None) -> EvalResult:
     """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
     ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss.
-    The meta-parameters and buffers are left untouched."""
-    losses, accuracies = [], []
-    for batch in episodes:
-        out = learner.fine_tune(batch.to(device) if device is not None else batch, steps=inner_steps)
-        losses.append(out.task_loss.double().cpu())
-        if out.task_accuracy is not None:
-            accuracies.append(out.task_accuracy.double().cpu())
+    The meta-parameters and buffers are left untouched. Under torch.distributed the batches are
+    split over the ranks and the per-task results gathered, each task counted once."""
+    ctx = distributed.current()
+    dtype = next(learner.parameters()).dtype
+    local = []
+    for index, batch in distributed.shard(list(enumerate(episodes)), ctx):
+        out = learner.fine_tune(batch.to(device, dtype), steps=inner_steps)
+        accuracy = None if out.task_accuracy is None else out.task_accuracy.double().cpu()
+        local.append((index, out.task_loss.double().cpu(), accuracy))
+    results = sorted(distributed.gather(local, ctx), key=lambda r: r[0])
+    losses = [r[1] for r in results]
+    accuracies = [r[2] for r in results if r[2] is not None]
     if not losses:
         raise ValueError("evaluate: no episodes given")
     loss = torch.cat(losses)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from . import algorithms, data, models
 
 DEFAULTS = dict(
@@ -19,6 +21,7 @@ DEFAULTS = dict(
     image_size=None, channels=None, hidden=None, pool=None, cosine=False, clip_grad=None,
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
+    dtype="float32",
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -61,6 +64,8 @@ def resolve(config: dict) -> dict:
     c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     if c["dataset"] not in DATASETS:
         raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {c['dataset']!r}")
+    if c["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {c['dtype']!r}")
     if c["algo"] not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {c['algo']!r}")
     mini = c["dataset"] == "miniimagenet"
@@ -85,7 +90,8 @@ def build_model(c: dict):
 def build_learner(c: dict, model=None):
     model = build_model(c) if model is None else model
     loss = "mse" if c["dataset"] == "sinusoid" else "cross_entropy"
-    return ALGORITHMS[c["algo"]](model, c, loss).to(c["device"])
+    dtype = {"float32": torch.float32, "float64": torch.float64}[c["dtype"]]
+    return ALGORITHMS[c["algo"]](model, c, loss).to(device=c["device"], dtype=dtype)
 
 
 def _alphabets(value):

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 
@@ -27,11 +28,14 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None):
+    def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None, dist_context=None):
         self.learner, self.tasks, self.config = learner, tasks, dict(config)
+        # Under torchrun each rank trains on its share of every meta-batch (fastadapt.distributed).
+        self.dist = dist_context or distributed.current()
         self.val_tasks = val_tasks
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(config.get("device", "cpu"))
+        self.dtype = next(learner.parameters()).dtype
         self.optimizer = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["steps"])
                           if config.get("cosine") else None)
@@ -50,7 +54,7 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Optional[Path]:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return None
         return save_checkpoint(self.state_dict(), self.out_dir / name)
 
@@ -67,7 +71,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def _write(self, record: dict) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
@@ -83,18 +87,23 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, progress: bool = True) -> "Trainer":
         c = self.config
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         stream = iter(self.tasks)
-        bar = tqdm(total=c["steps"], initial=self.step, disable=not progress, desc="meta-train", dynamic_ncols=True)
+        bar = tqdm(total=c["steps"], initial=self.step, disable=not (progress and self.dist.is_main),
+                   desc="meta-train", dynamic_ncols=True)
         try:
             while self.step < c["steps"]:
                 start = time.perf_counter()
-                batch = next(stream).to(self.device)
+                batch = next(stream)
+                if self.dist.enabled:
+                    batch = batch[distributed.task_slice(batch.num_tasks, self.dist)]
+                batch = batch.to(self.device, self.dtype)
                 logging = (self.step + 1) % c["log_every"] == 0
                 self.optimizer.zero_grad(set_to_none=True)
                 out = self.learner.meta_backward(batch, per_step=logging)
-                loss = out.loss.item()
+                distributed.average_gradients(self.learner.parameters(), self.dist)
+                loss = distributed.average(out.loss, self.dist).item()
                 if not math.isfinite(loss):
                     kept = f"; the last good checkpoint {self.out_dir / 'last.pt'} is kept" if self.out_dir else ""
                     raise TrainingDiverged(f"meta-loss is {loss} at step {self.step + 1}: training stopped{kept}")
@@ -108,14 +117,16 @@ class Trainer:
                 bar.update(1)
                 if logging:
                     seconds = time.perf_counter() - start
-                    record = {"step": self.step, "loss": loss, "query_loss": out.query_loss.tolist(),
-                              "time": seconds, "tasks_per_s": batch.num_tasks / seconds,
-                              "examples_per_s": (batch.support_x.shape[1] + batch.query_x.shape[1])
-                              * batch.num_tasks / seconds}
+                    tasks = batch.num_tasks * self.dist.world_size
+                    record = {"step": self.step, "loss": loss,
+                              "query_loss": distributed.average(out.query_loss, self.dist).tolist(),
+                              "time": seconds, "tasks_per_s": tasks / seconds,
+                              "examples_per_s": (batch.support_x.shape[1] + batch.query_x.shape[1]) * tasks / seconds}
                     postfix = {"loss": f"{loss:.3f}"}
                     if out.query_accuracy is not None:
-                        record["accuracy"] = out.query_accuracy.tolist()
-                        postfix["acc"] = f"{out.query_accuracy[-1].item():.3f}"
+                        accuracy = distributed.average(out.query_accuracy, self.dist)
+                        record["accuracy"] = accuracy.tolist()
+                        postfix["acc"] = f"{accuracy[-1].item():.3f}"
                     bar.set_postfix(postfix)
                     self._write(record)
                 if self.val_tasks and (self.step % c["eval_every"] == 0 or self.step == c["steps"]):

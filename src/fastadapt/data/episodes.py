@@ -36,16 +36,11 @@ class TaskBatch:
         return self.support_x.shape[0]
 
     def to(self, device=None, dtype=None) -> "TaskBatch":
-        """Move to ``device``; ``dtype`` converts the inputs (x) only, never integer labels."""
-        def move_x(t):
-            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        """Move to ``device``; ``dtype`` converts floating tensors only, never integer labels."""
+        def move(t):
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
-        def move_y(t):
-            floating = dtype is not None and t.is_floating_point()
-            return t.to(device=device, dtype=dtype if floating else None)
-
-        return TaskBatch(move_x(self.support_x), move_y(self.support_y),
-                         move_x(self.query_x), move_y(self.query_y))
+        return TaskBatch(move(self.support_x), move(self.support_y), move(self.query_x), move(self.query_y))
 
     def __getitem__(self, index) -> "TaskBatch":
         """Select tasks (an int keeps the task axis, with length 1)."""

@@ -9,6 +9,9 @@ from torch import nn
 class Conv4(nn.Module):
     """Four blocks of 3x3 conv -> BatchNorm -> ReLU, then a linear head.
 
+    The convolutions have no bias: BatchNorm's shift makes it redundant, its true gradient is
+    zero, and Adam would turn the rounding noise of that zero into full-size updates.
+
     ``features`` maps images to a flat embedding and ``head`` maps that to logits, so algorithms
     that adapt only the head (ANIL) or only embed (ProtoNets) can address the two parts by name.
     """
@@ -27,11 +30,11 @@ class Conv4(nn.Module):
         size = image_size
         for _ in range(4):
             if pool == "stride":
-                blocks += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
+                blocks += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False),
                            nn.BatchNorm2d(hidden), nn.ReLU()]
                 size = (size - 1) // 2 + 1
             else:
-                blocks += [nn.Conv2d(channels, hidden, 3, stride=1, padding=1),
+                blocks += [nn.Conv2d(channels, hidden, 3, stride=1, padding=1, bias=False),
                            nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2)]
                 size = size // 2
             channels = hidden

@@ -1,0 +1,91 @@
+"""Two gloo processes on this machine train exactly like one process on the whole meta-batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from fastadapt import distributed, experiment
+from fastadapt.evaluate import evaluate
+from fastadapt.train import Trainer
+
+CONFIG = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=16,
+              inner_steps=1, inner_steps_test=2, steps=20, eval_every=10, log_every=5, val_episodes=14,
+              eval_batch=2, meta_lr=3e-3, dtype="float64")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(out_dir, ctx=None):
+    c = experiment.resolve(CONFIG)
+    torch.manual_seed(c["seed"])
+    learner = experiment.build_learner(c)
+    sources = experiment.build_data(c, splits=("train", "val"))
+    Trainer(learner, sources["train"], c, out_dir, sources["val"], ctx).fit(progress=False)
+    return learner, evaluate(learner, sources["val"], 2)
+
+
+def worker(rank, world, port, out_dir, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = distributed.init("cpu", timeout_s=120)
+    try:
+        learner, scores = train(out_dir, ctx)
+        torch.save({"model": learner.state_dict(), "eval": scores.as_dict()}, f"{result}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+def test_two_processes_equal_one_process_on_the_same_tasks(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "result")), nprocs=2)
+    single, single_scores = train(tmp_path / "one")
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"result.{rank}", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(result["model"][name], value, rtol=1e-5, atol=1e-6)
+        # evaluation split over the ranks counts every task exactly once, on every rank
+        assert result["eval"]["tasks"] == single_scores.tasks == 14
+        torch.testing.assert_close(torch.tensor(result["eval"]["accuracy"], dtype=torch.float64),
+                                   single_scores.accuracy, rtol=1e-5, atol=1e-6)
+    # rank 0 alone writes: one metrics line per logging or evaluation step, as with one process
+    two = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    one = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in two] == [json.loads(r)["step"] for r in one]
+    assert sorted(os.listdir(tmp_path / "two")) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+def test_uneven_meta_batch_is_a_clear_error():
+    ctx = distributed.Context(rank=1, world_size=3)
+    try:
+        distributed.task_slice(16, ctx)
+    except ValueError as error:
+        assert "does not split evenly over 3 processes" in str(error)
+    else:
+        raise AssertionError("expected a ValueError")
+    assert distributed.task_slice(12, ctx) == slice(4, 8)
+    assert distributed.shard(list(range(7)), ctx) == [1, 4]
+
+
+def test_torchrun_cli_prints_once_and_writes_once(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "fastadapt", "train", "--dataset", "glyphs", "--glyph-classes", "12",
+               "--hidden", "8", "--n-way", "3", "--k-shot", "1", "--k-query", "2", "--task-batch", "4",
+               "--inner-steps", "1", "--steps", "4", "--eval-every", "2", "--val-episodes", "4",
+               "--test-episodes", "6", "--quiet", "--out", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("run folder") == 1 and "2 processes" in result.stdout
+    assert result.stdout.count("6 test tasks") == 1
+    assert json.loads((tmp_path / "run" / "test.json").read_text())["tasks"] == 6
