@@ -67,12 +67,17 @@ def test_anil_adapts_only_the_head_and_matches_reference():
         ANIL(model, head="classifier")
 
 
-@pytest.mark.parametrize("algo", ["metasgd", "anil", "fomaml"])
+# Reptile learns slowly from a single inner step (it is then joint training): give it five.
+OVERRIDES = {"reptile": dict(inner_steps=5, inner_lr=0.05, outer_lr=1.0)}
+
+
+@pytest.mark.parametrize("algo", ["metasgd", "anil", "fomaml", "reptile", "protonet"])
 def test_short_training_improves_on_glyphs(algo):
-    c = experiment.resolve(dict(dataset="glyphs", glyph_classes=30, hidden=16, n_way=3, k_shot=1, k_query=3,
-                                task_batch=4, inner_steps=1, inner_steps_test=1, inner_lr=0.4, steps=40,
-                                eval_every=1000, log_every=1000, val_episodes=40, eval_batch=20, algo=algo,
-                                meta_lr=3e-3))
+    """Accuracy after one adaptation step, on held-out Glyphs classes, before and after 40 steps."""
+    settings = dict(dataset="glyphs", glyph_classes=30, hidden=16, n_way=3, k_shot=1, k_query=3, task_batch=4,
+                    inner_steps=1, inner_steps_test=1, inner_lr=0.4, steps=40, eval_every=1000, log_every=1000,
+                    val_episodes=40, eval_batch=20, algo=algo, meta_lr=3e-3)
+    c = experiment.resolve({**settings, **OVERRIDES.get(algo, {})})
     torch.manual_seed(0)
     learner = experiment.build_learner(c)
     sources = experiment.build_data(c, splits=("train", "val"))
@@ -80,3 +85,58 @@ def test_short_training_improves_on_glyphs(algo):
     Trainer(learner, sources["train"], c).fit(progress=False)
     after = evaluate(learner, sources["val"], 1).accuracy[-1]
     assert after > before + 0.1, (before, after)
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_reptile_update_is_step_size_times_mean_adapted_minus_initial(inner):
+    import copy
+    from fastadapt.algorithms import Reptile
+    model, batch = small_conv4(), image_batch()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected_delta = {n: torch.zeros_like(p) for n, p in initial.items()}
+    for t in range(batch.num_tasks):
+        net = copy.deepcopy(model)
+        optimizer = (torch.optim.SGD(net.parameters(), lr=0.05) if inner == "sgd"
+                     else torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.0, 0.999)))
+        for _ in range(3):
+            optimizer.zero_grad()
+            params = dict(net.named_parameters())
+            F.cross_entropy(forward(net, params, batch.support_x[t]), batch.support_y[t]).backward()
+            optimizer.step()
+        for n, p in net.named_parameters():
+            expected_delta[n] += (p.detach() - initial[n]) / batch.num_tasks
+    learner = Reptile(model, inner_lr=0.05, inner_steps=3, outer_lr=0.7, inner_optimizer=inner)
+    optimizer = learner.make_optimizer(meta_lr=123.0)
+    out = learner.meta_backward(batch, per_step=True)
+    optimizer.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), initial[n] + 0.7 * expected_delta[n], rtol=1e-7, atol=1e-10)
+    assert out.query_accuracy.shape == (4,)
+    with pytest.raises(NotImplementedError):
+        learner.meta_loss(batch)
+
+
+def test_protonet_logits_are_negative_squared_distances_to_class_means():
+    from fastadapt.algorithms import ProtoNet
+    model, batch = small_conv4(), image_batch()
+    learner = ProtoNet(model, n_way=3)
+    features = model.features
+    params = dict(features.named_parameters())
+    total = 0
+    for t in range(batch.num_tasks):
+        z_support = forward(features, params, batch.support_x[t])
+        z_query = forward(features, params, batch.query_x[t])
+        prototypes = torch.stack([z_support[batch.support_y[t] == c].mean(0) for c in range(3)])
+        logits = -torch.cdist(z_query, prototypes) ** 2
+        adapted = learner.adapt(batch.support_x[t], batch.support_y[t])
+        torch.testing.assert_close(learner.predict(adapted, batch.query_x[t]), logits, rtol=1e-9, atol=1e-10)
+        total = total + F.cross_entropy(logits, batch.query_y[t])
+    reference = total / batch.num_tasks
+    out = learner.meta_loss(batch)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-9, atol=1e-12)
+    ours = torch.autograd.grad(out.loss, list(features.parameters()))
+    theirs = torch.autograd.grad(reference, list(features.parameters()))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    scores = learner.fine_tune(batch, steps=2)
+    assert torch.equal(scores.query_accuracy[0], scores.query_accuracy[-1])

@@ -34,6 +34,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--inner-steps-test", "--update-step-test", dest="inner_steps_test", type=int)
     add("--inner-lr", "--update-lr", dest="inner_lr", type=float)
     add("--meta-lr", type=float)
+    add("--outer-lr", type=float, help="Reptile's outer step size (default 1.0)")
     add("--steps", "--epoch", dest="steps", type=int, help="meta-iterations")
     add("--eval-every", type=int)
     add("--log-every", type=int)

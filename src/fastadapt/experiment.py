@@ -21,7 +21,7 @@ DEFAULTS = dict(
     image_size=None, channels=None, hidden=None, pool=None, cosine=False, clip_grad=None,
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
-    dtype="float32",
+    dtype="float32", outer_lr=1.0,
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -56,6 +56,9 @@ ALGORITHMS = {
                                                          loss=loss, task_chunk=c["task_chunk"]),
     "anil": lambda model, c, loss: algorithms.ANIL(model, c["inner_lr"], c["inner_steps"], c["first_order"],
                                                    loss=loss, task_chunk=c["task_chunk"]),
+    "reptile": lambda model, c, loss: algorithms.Reptile(model, c["inner_lr"], c["inner_steps"], c["outer_lr"],
+                                                         loss=loss, task_chunk=c["task_chunk"]),
+    "protonet": lambda model, c, loss: algorithms.ProtoNet(model, c["n_way"], task_chunk=c["task_chunk"]),
 }
 
 
@@ -68,6 +71,8 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"--dtype must be float32 or float64, got {c['dtype']!r}")
     if c["algo"] not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {c['algo']!r}")
+    if c["algo"] == "protonet" and c["dataset"] == "sinusoid":
+        raise ValueError("--algo protonet classifies; it cannot run the sinusoid regression tasks")
     mini = c["dataset"] == "miniimagenet"
     c["image_size"] = c["image_size"] or (84 if mini else 28)
     c["channels"] = c["channels"] or (3 if c["dataset"] in ("miniimagenet", "folder") else 1)

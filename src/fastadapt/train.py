@@ -36,7 +36,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(config.get("device", "cpu"))
         self.dtype = next(learner.parameters()).dtype
-        self.optimizer = torch.optim.Adam(learner.parameters(), lr=config["meta_lr"])
+        self.optimizer = learner.make_optimizer(config["meta_lr"])
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["steps"])
                           if config.get("cosine") else None)
         self.step = 0

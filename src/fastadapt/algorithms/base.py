@@ -204,7 +204,8 @@ class MetaLearner(nn.Module):
         return loss, accuracy
 
     def _chunk_fn(self, steps: int, per_step: bool, create_graph: bool, vmap_query: bool) -> Callable:
-        """One chunk of tasks -> (final query losses [k], losses [k, n], accuracies [k, n]).
+        """One chunk of tasks -> (final query losses [k], losses [k, n], accuracies [k, n], final fast
+        weights with a task axis).
 
         The support-set inner loop is vmapped over tasks. The query pass is vmapped on GPU, but
         on CPU runs task by task: its 15x larger batches then use dense convolutions, which there
@@ -239,7 +240,7 @@ class MetaLearner(nn.Module):
             final, accuracy = score(scored[-1], buffers, query_x, query_y)
             losses.append(final.detach())
             accuracies.append(accuracy)
-            return final, torch.stack(losses, 1), torch.stack(accuracies, 1)
+            return final, torch.stack(losses, 1), torch.stack(accuracies, 1), scored[-1]
 
         fn = torch.compile(chunk) if self.compile else chunk
         self._compiled[key] = fn
@@ -255,7 +256,10 @@ class MetaLearner(nn.Module):
         per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
         return max(1, _CPU_CHUNK_VALUES // per_task)
 
-    def _run_chunks(self, batch, steps: int, per_step: bool, create_graph: bool, backward: bool):
+    def _run_chunks(self, batch, steps: int, per_step: bool, create_graph: bool,
+                    on_chunk: Optional[Callable] = None):
+        """Score ``batch`` chunk by chunk; ``on_chunk(final_losses, fast, num_tasks)`` is called on
+        each chunk (to backpropagate it, say) and may return the losses to keep."""
         chunk = self._chunk_size(batch)
         chunks = list(batch.split(chunk)) if chunk else [batch]
         params, buffers = self.meta_params(), self.model_buffers()
@@ -264,11 +268,10 @@ class MetaLearner(nn.Module):
         finals, losses, accuracies = [], [], []
         with batch_statistics(self.model):
             for part in chunks:
-                final, loss, acc = fn(params, buffers, part.support_x, part.support_y,
-                                      part.query_x, part.query_y)
-                if backward:
-                    (final.sum() / batch.num_tasks).backward()
-                    final = final.detach()
+                final, loss, acc, fast = fn(params, buffers, part.support_x, part.support_y,
+                                            part.query_x, part.query_y)
+                if on_chunk is not None:
+                    final = on_chunk(final, fast, batch.num_tasks)
                 finals.append(final)
                 losses.append(loss)
                 accuracies.append(acc)
@@ -292,11 +295,19 @@ class MetaLearner(nn.Module):
         The graph of every chunk is kept until ``.loss.backward()``; ``meta_backward`` frees each
         chunk's graph as it goes and so bounds memory by one chunk.
         """
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward=False)
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph())
 
     def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
         """Accumulate the meta-gradient of ``meta_loss(batch).loss`` into ``.grad``, chunk by chunk."""
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward=True)
+        def backward(final, fast, num_tasks):
+            (final.sum() / num_tasks).backward()
+            return final.detach()
+
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward)
+
+    def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
+        """The outer optimiser the Trainer uses: Adam at ``meta_lr`` (as in the MAML paper)."""
+        return torch.optim.Adam(self.parameters(), lr=meta_lr)
 
     def fine_tune(self, batch, steps: Optional[int] = None) -> MetaOutput:
         """Adapt every task of ``batch`` for ``steps`` steps and score the query set after each.
@@ -305,7 +316,7 @@ class MetaLearner(nn.Module):
         """
         steps = self.inner_steps if steps is None else steps
         with torch.no_grad():
-            return self._run_chunks(batch, steps, per_step=True, create_graph=False, backward=False)
+            return self._run_chunks(batch, steps, per_step=True, create_graph=False)
 
     def _is_task_batched(self, support_x, support_y) -> bool:
         # Class labels are [S] for one task; regression targets carry a feature axis, [S, D].

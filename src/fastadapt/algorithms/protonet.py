@@ -1,0 +1,49 @@
+"""Prototypical Networks (Snell, Swersky and Zemel, 2017)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import MetaLearner
+
+
+class ProtoNet(MetaLearner):
+    """Classify by negative squared Euclidean distance to the class means (prototypes) of the
+    embedded support set. The model is the embedding; ``embedding="features"`` uses that submodule
+    of a network with a head (``conv4``), ``None`` the whole model.
+
+    Adaptation is computing prototypes, so ``adapt`` returns the weights plus a ``"prototypes"``
+    entry, ``predict`` scores queries against them, and ``fine_tune``'s per-step results are the
+    same at every step. Trained episodically with the query cross-entropy, through the engine.
+    """
+
+    def __init__(self, model, n_way: int, embedding="features", task_chunk="auto", compile: bool = False):
+        super().__init__(model, inner_steps=0, loss="cross_entropy", task_chunk=task_chunk, compile=compile)
+        if embedding is not None and not hasattr(model, embedding):
+            raise ValueError(f"ProtoNet: the model has no submodule {embedding!r} (pass embedding=None)")
+        self.n_way, self.embedding = int(n_way), embedding
+
+    def create_graph(self) -> bool:
+        return True
+
+    def embed(self, params, buffers, x):
+        if self.embedding is None:
+            return super().forward_with(params, buffers, x)
+        prefix = self.embedding + "."
+        sub = getattr(self.model, self.embedding)
+        own = {n[len(prefix):]: w for n, w in {**params, **buffers}.items() if n.startswith(prefix)}
+        return torch.func.functional_call(sub, own, (x,))
+
+    def forward_with(self, params, buffers, x):
+        prototypes = params["prototypes"]
+        z = self.embed(params, buffers, x)
+        return -((z[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
+
+    def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
+        z = self.embed(params, buffers, support_x)
+        onehot = F.one_hot(support_y, self.n_way).to(z.dtype)
+        prototypes = (onehot.T @ z) / onehot.sum(0)[:, None]
+        fast = {**params, "prototypes": prototypes}
+        for _ in range(steps + 1):
+            yield fast

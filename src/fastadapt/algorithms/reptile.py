@@ -1,0 +1,66 @@
+"""Reptile (Nichol, Achiam and Schulman, 2018): move the initialisation towards adapted weights."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import MetaLearner, MetaOutput
+
+
+class Reptile(MetaLearner):
+    """Each task takes ``inner_steps`` steps of SGD (or Adam, ``inner_optimizer="adam"``) on its
+    support set; the meta-update is ``theta += outer_lr * mean_tasks(phi - theta)``.
+
+    ``meta_backward`` stores ``theta - mean(phi)`` in ``.grad`` and ``make_optimizer`` returns plain
+    SGD at ``outer_lr``, so one optimiser step is exactly that update (the Trainer's cosine
+    schedule, when on, anneals ``outer_lr`` as the paper anneals it linearly). Tasks are adapted in
+    vectorised chunks like every algorithm here; no gradient flows through the inner loop.
+    """
+
+    def __init__(self, model, inner_lr: float = 0.1, inner_steps: int = 5, outer_lr: float = 1.0,
+                 inner_optimizer: str = "sgd", loss="cross_entropy", task_chunk="auto", compile: bool = False,
+                 betas=(0.0, 0.999), eps: float = 1e-8):
+        super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile)
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        if not inner_lr > 0 or not outer_lr > 0:
+            raise ValueError(f"inner_lr and outer_lr must be positive, got {inner_lr!r}, {outer_lr!r}")
+        self.inner_lr, self.outer_lr = float(inner_lr), float(outer_lr)
+        self.inner_optimizer, self.betas, self.eps = inner_optimizer, betas, eps
+
+    def create_graph(self) -> bool:
+        return False
+
+    def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
+        fast = params
+        yield fast
+        first, second = {}, {}
+        b1, b2 = self.betas
+        for step in range(1, steps + 1):
+            grads = self.support_grad(fast, buffers, support_x, support_y, create_graph=False)
+            if self.inner_optimizer == "sgd":
+                fast = {n: w - self.inner_lr * grads[n] for n, w in fast.items()}
+            else:
+                first = {n: b1 * first.get(n, 0) + (1 - b1) * g for n, g in grads.items()}
+                second = {n: b2 * second.get(n, 0) + (1 - b2) * g * g for n, g in grads.items()}
+                fast = {n: w - self.inner_lr * (first[n] / (1 - b1 ** step))
+                        / ((second[n] / (1 - b2 ** step)).sqrt() + self.eps) for n, w in fast.items()}
+            yield fast
+
+    def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
+        raise NotImplementedError("Reptile has no differentiable meta-loss; use meta_backward")
+
+    def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
+        params = dict(self.model.named_parameters())
+
+        def accumulate(final, fast, num_tasks):
+            for name, p in params.items():
+                step = (p.detach() - fast[name].detach()).sum(0) / num_tasks
+                p.grad = step if p.grad is None else p.grad + step
+            return final.detach()
+
+        with torch.no_grad():
+            return self._run_chunks(batch, self.inner_steps, per_step, False, accumulate)
+
+    def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.outer_lr)
