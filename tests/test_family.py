@@ -71,7 +71,7 @@ def test_anil_adapts_only_the_head_and_matches_reference():
 OVERRIDES = {"reptile": dict(inner_steps=5, inner_lr=0.05, outer_lr=1.0)}
 
 
-@pytest.mark.parametrize("algo", ["metasgd", "anil", "fomaml", "reptile", "protonet"])
+@pytest.mark.parametrize("algo", ["metasgd", "anil", "fomaml", "reptile", "protonet", "mamlpp"])
 def test_short_training_improves_on_glyphs(algo):
     """Accuracy after one adaptation step, on held-out Glyphs classes, before and after 40 steps."""
     settings = dict(dataset="glyphs", glyph_classes=30, hidden=16, n_way=3, k_shot=1, k_query=3, task_batch=4,
@@ -140,3 +140,54 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     scores = learner.fine_tune(batch, steps=2)
     assert torch.equal(scores.query_accuracy[0], scores.query_accuracy[-1])
+
+
+def per_step_reference(model, batch, rates, steps, create_graph=True):
+    """Loop reference: the query loss after each step 1..steps, averaged over tasks.
+    ``rates(step, index)`` is the inner learning rate of parameter tensor ``index`` at ``step``."""
+    params = dict(model.named_parameters())
+    totals = [0] * steps
+    for t in range(batch.num_tasks):
+        fast = params
+        for step in range(steps):
+            loss = F.cross_entropy(forward(model, fast, batch.support_x[t]), batch.support_y[t])
+            g = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+            fast = {n: w - rates(step, j) * gi for j, ((n, w), gi) in enumerate(zip(fast.items(), g))}
+            query = F.cross_entropy(forward(model, fast, batch.query_x[t]), batch.query_y[t])
+            totals[step] = totals[step] + query / batch.num_tasks
+    return totals
+
+
+def test_maml_plus_plus_lslr_and_multi_step_loss_match_reference():
+    from fastadapt import MAML
+    model, batch = small_conv4(), image_batch()
+    learner = MAML(model, inner_lr=0.3, inner_steps=3, lslr=True, multi_step_loss=10).double()
+    with torch.no_grad():
+        learner.step_lrs.mul_(torch.linspace(0.5, 1.5, learner.step_lrs.numel()).view_as(learner.step_lrs))
+    learner.on_step(4)
+    weights = learner.step_loss_weights(3)
+    # 40% through the annealing: earlier steps 0.6/3 each, the last 1/3 + 0.4 * 2/3
+    torch.testing.assert_close(weights, torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64))
+    out = learner.meta_loss(batch)
+    per_step = per_step_reference(model, batch, lambda s, j: learner.step_lrs[s, j], 3)
+    reference = sum(w * loss for w, loss in zip(weights, per_step))
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    everything = list(model.parameters()) + [learner.step_lrs]
+    for a, b in zip(torch.autograd.grad(out.loss, everything), torch.autograd.grad(reference, everything)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    learner.on_step(1000)
+    assert learner.step_loss_weights(3)[-1].item() == pytest.approx(1 - 2 * 0.01)
+
+
+def test_derivative_order_annealing_switches_from_first_to_second_order():
+    from fastadapt import MAML
+    model, batch = small_conv4(), image_batch()
+    annealed = MAML(model, inner_lr=0.4, inner_steps=2, first_order_until=5)
+    first = grads_of(MAML(model, inner_lr=0.4, inner_steps=2, first_order=True).meta_loss(batch).loss, model)
+    second = grads_of(MAML(model, inner_lr=0.4, inner_steps=2).meta_loss(batch).loss, model)
+    annealed.on_step(4)
+    for a, b in zip(grads_of(annealed.meta_loss(batch).loss, model), first):
+        torch.testing.assert_close(a, b)
+    annealed.on_step(5)
+    for a, b in zip(grads_of(annealed.meta_loss(batch).loss, model), second):
+        torch.testing.assert_close(a, b)

@@ -21,7 +21,7 @@ DEFAULTS = dict(
     image_size=None, channels=None, hidden=None, pool=None, cosine=False, clip_grad=None,
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
-    dtype="float32", outer_lr=1.0,
+    dtype="float32", outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0,
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -47,11 +47,20 @@ PRESETS = {
 }
 
 DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+def _maml(model, c, loss, **overrides):
+    options = dict(first_order=c["first_order"], multi_step_loss=c["multi_step_loss"], lslr=c["lslr"],
+                   first_order_until=c["first_order_until"])
+    options.update(overrides)
+    return algorithms.MAML(model, c["inner_lr"], c["inner_steps"], loss=loss, task_chunk=c["task_chunk"], **options)
+
+
 ALGORITHMS = {
-    "maml": lambda model, c, loss: algorithms.MAML(model, c["inner_lr"], c["inner_steps"], c["first_order"],
-                                                   loss=loss, task_chunk=c["task_chunk"]),
-    "fomaml": lambda model, c, loss: algorithms.MAML(model, c["inner_lr"], c["inner_steps"], True,
-                                                     loss=loss, task_chunk=c["task_chunk"]),
+    "maml": _maml,
+    # MAML++ with every option on; the schedule lengths are this project's choice (the paper counts
+    # epochs): multi-step loss annealed over the first 10% of training, first order for the first third.
+    "mamlpp": lambda model, c, loss: _maml(model, c, loss, lslr=True, multi_step_loss=max(1, c["steps"] // 10),
+                                           first_order_until=c["steps"] // 3),
+    "fomaml": lambda model, c, loss: _maml(model, c, loss, first_order=True),
     "metasgd": lambda model, c, loss: algorithms.MetaSGD(model, c["inner_lr"], c["inner_steps"], c["first_order"],
                                                          loss=loss, task_chunk=c["task_chunk"]),
     "anil": lambda model, c, loss: algorithms.ANIL(model, c["inner_lr"], c["inner_steps"], c["first_order"],

@@ -101,6 +101,7 @@ class Trainer:
                 batch = batch.to(self.device, self.dtype)
                 logging = (self.step + 1) % c["log_every"] == 0
                 self.optimizer.zero_grad(set_to_none=True)
+                self.learner.on_step(self.step)
                 out = self.learner.meta_backward(batch, per_step=logging)
                 distributed.average_gradients(self.learner.parameters(), self.dist)
                 loss = distributed.average(out.loss, self.dist).item()

@@ -145,6 +145,7 @@ class MetaLearner(nn.Module):
         self.inner_steps = inner_steps
         self.task_chunk = task_chunk
         self.compile = compile
+        self.iteration = 0  # meta-iterations taken so far, for schedules inside the algorithm
         # None: vmap the query pass on GPU, loop over tasks on CPU (see _chunk_fn); tests force both.
         self.vmap_query: Optional[bool] = None
         self._compiled: Dict[tuple, Callable] = {}
@@ -186,13 +187,14 @@ class MetaLearner(nn.Module):
 
     # ------------------------------------------------------------------ one task, then all tasks
     def _adapt_task(self, params, buffers, support_x, support_y, *, steps: int, per_step: bool,
-                    create_graph: bool):
-        """The fast weights to score for one task: after every step if ``per_step``, else the last."""
+                    create_graph: bool, multi_step: bool = False):
+        """The fast weights to score for one task: after every step if ``per_step``, else the last.
+        With ``multi_step`` every step's weights stay differentiable (multi-step loss)."""
         scored = []
         for step, fast in enumerate(self.inner_loop(params, buffers, support_x, support_y, steps, create_graph)):
-            if step == steps:
+            if step == steps or (multi_step and step > 0):
                 scored.append(fast)
-            elif per_step:
+            elif per_step or multi_step:
                 scored.append(detach(fast))
         return scored
 
@@ -203,7 +205,8 @@ class MetaLearner(nn.Module):
         accuracy = _accuracy(out.detach(), query_y) if self.classification else loss.detach() * 0
         return loss, accuracy
 
-    def _chunk_fn(self, steps: int, per_step: bool, create_graph: bool, vmap_query: bool) -> Callable:
+    def _chunk_fn(self, steps: int, per_step: bool, create_graph: bool, vmap_query: bool,
+                  multi_step: bool = False) -> Callable:
         """One chunk of tasks -> (final query losses [k], losses [k, n], accuracies [k, n], final fast
         weights with a task axis).
 
@@ -211,11 +214,12 @@ class MetaLearner(nn.Module):
         on CPU runs task by task: its 15x larger batches then use dense convolutions, which there
         run about 1.6x faster than the grouped ones that per-task weights become under vmap.
         """
-        key = (steps, per_step, create_graph, vmap_query)
+        key = (steps, per_step, create_graph, vmap_query, multi_step)
         fn = self._compiled.get(key)
         if fn is not None:
             return fn
-        adapt = vmap(functools.partial(self._adapt_task, steps=steps, per_step=per_step, create_graph=create_graph),
+        adapt = vmap(functools.partial(self._adapt_task, steps=steps, per_step=per_step, create_graph=create_graph,
+                                       multi_step=multi_step),
                      in_dims=(None, None, 0, 0), randomness="different")
         score_all = vmap(self._score, in_dims=(0, None, 0, 0), randomness="different")
 
@@ -229,18 +233,18 @@ class MetaLearner(nn.Module):
                        for i in range(query_x.shape[0])]
             return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 
-        def chunk(params, buffers, support_x, support_y, query_x, query_y):
+        def chunk(params, buffers, support_x, support_y, query_x, query_y, step_weights=None):
             scored = adapt(params, buffers, support_x, support_y)
-            losses, accuracies = [], []
-            for fast in scored[:-1]:
-                with torch.no_grad():
+            losses, accuracies, weighted = [], [], 0
+            graph_from = len(scored) - (steps if multi_step else 1)
+            for index, fast in enumerate(scored):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and index >= graph_from):
                     loss, accuracy = score(fast, buffers, query_x, query_y)
-                losses.append(loss)
+                if index >= graph_from:
+                    weighted = weighted + (loss if not multi_step else step_weights[index - graph_from] * loss)
+                losses.append(loss.detach())
                 accuracies.append(accuracy)
-            final, accuracy = score(scored[-1], buffers, query_x, query_y)
-            losses.append(final.detach())
-            accuracies.append(accuracy)
-            return final, torch.stack(losses, 1), torch.stack(accuracies, 1), scored[-1]
+            return weighted, torch.stack(losses, 1), torch.stack(accuracies, 1), scored[-1]
 
         fn = torch.compile(chunk) if self.compile else chunk
         self._compiled[key] = fn
@@ -257,19 +261,20 @@ class MetaLearner(nn.Module):
         return max(1, _CPU_CHUNK_VALUES // per_task)
 
     def _run_chunks(self, batch, steps: int, per_step: bool, create_graph: bool,
-                    on_chunk: Optional[Callable] = None):
+                    on_chunk: Optional[Callable] = None, step_weights: Optional[torch.Tensor] = None):
         """Score ``batch`` chunk by chunk; ``on_chunk(final_losses, fast, num_tasks)`` is called on
         each chunk (to backpropagate it, say) and may return the losses to keep."""
         chunk = self._chunk_size(batch)
         chunks = list(batch.split(chunk)) if chunk else [batch]
         params, buffers = self.meta_params(), self.model_buffers()
         vmap_query = batch.support_x.is_cuda if self.vmap_query is None else self.vmap_query
-        fn = self._chunk_fn(steps, per_step, create_graph, vmap_query)
+        multi_step = step_weights is not None and steps > 0
+        fn = self._chunk_fn(steps, per_step or multi_step, create_graph, vmap_query, multi_step)
         finals, losses, accuracies = [], [], []
         with batch_statistics(self.model):
             for part in chunks:
                 final, loss, acc, fast = fn(params, buffers, part.support_x, part.support_y,
-                                            part.query_x, part.query_y)
+                                            part.query_x, part.query_y, step_weights)
                 if on_chunk is not None:
                     final = on_chunk(final, fast, batch.num_tasks)
                 finals.append(final)
@@ -289,13 +294,22 @@ class MetaLearner(nn.Module):
         """Whether the inner loop is differentiated through (second order) in ``meta_loss``."""
         return True
 
+    def step_loss_weights(self, steps: int) -> Optional[torch.Tensor]:
+        """Weights of the query losses after steps 1..steps in the meta-loss; None: the last only."""
+        return None
+
+    def on_step(self, iteration: int) -> None:
+        """Told by the Trainer before each meta-iteration (0-based), for annealing schedules."""
+        self.iteration = iteration
+
     def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
         """Mean query loss after adaptation over the tasks of ``batch``, differentiable.
 
         The graph of every chunk is kept until ``.loss.backward()``; ``meta_backward`` frees each
         chunk's graph as it goes and so bounds memory by one chunk.
         """
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph())
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(),
+                                step_weights=self.step_loss_weights(self.inner_steps))
 
     def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
         """Accumulate the meta-gradient of ``meta_loss(batch).loss`` into ``.grad``, chunk by chunk."""
@@ -303,7 +317,8 @@ class MetaLearner(nn.Module):
             (final.sum() / num_tasks).backward()
             return final.detach()
 
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward)
+        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward,
+                                step_weights=self.step_loss_weights(self.inner_steps))
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         """The outer optimiser the Trainer uses: Adam at ``meta_lr`` (as in the MAML paper)."""
