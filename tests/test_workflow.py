@@ -204,3 +204,24 @@ def test_seed_aliases_and_presets_fill_the_config():
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "fastadapt", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--k-spt" in result.stdout
+
+
+def test_trainer_logs_scalars_to_a_writer(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, float(value), step))
+
+    trainer = make_trainer(tmp_path)
+    trainer.writer = Recorder()
+    trainer.fit(progress=False)
+    tags = {(tag, step) for tag, _, step in trainer.writer.scalars}
+    assert {("train/loss", 2), ("train/accuracy", 6), ("val/accuracy", 3), ("val/loss", 6)} <= tags
+
+
+def test_tensorboard_flag_without_tensorboard_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main(["train", *TINY_ARGS, "--tensorboard", "--out", str(tmp_path / "run")]) == 2
+    assert "pip install 'fastadapt[tensorboard]'" in capsys.readouterr().err

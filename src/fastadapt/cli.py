@@ -85,7 +85,14 @@ def cmd_train(args) -> int:
     torch.manual_seed(config["seed"])
     learner = experiment.build_learner(config)
     sources = experiment.build_data(config)
-    trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx)
+    writer = None
+    if args.tensorboard and ctx.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'fastadapt[tensorboard]'") from error
+        writer = SummaryWriter(str(out / "tensorboard"))
+    trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx, writer=writer)
     if args.resume:
         trainer.resume(args.resume)
     say = print if ctx.is_main else (lambda *a, **k: None)
@@ -217,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/<dataset>-<ways>w<shots>s-<time>)")
     train.add_argument("--resume", help="continue the run in this folder or checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
     train.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")

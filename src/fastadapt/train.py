@@ -28,8 +28,10 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None, dist_context=None):
+    def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None, dist_context=None,
+                 writer=None):
         self.learner, self.tasks, self.config = learner, tasks, dict(config)
+        self.writer = writer  # e.g. torch.utils.tensorboard.SummaryWriter: anything with add_scalar
         # Under torchrun each rank trains on its share of every meta-batch (fastadapt.distributed).
         self.dist = dist_context or distributed.current()
         self.val_tasks = val_tasks
@@ -71,9 +73,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
     def _write(self, record: dict) -> None:
-        if self.out_dir is not None and self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        if self.out_dir is not None:
             with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            flat = record.get("val", record)
+            prefix = "val" if "val" in record else "train"
+            for key in ("loss", "accuracy"):
+                value = flat.get(key)
+                if value is not None:
+                    self.writer.add_scalar(f"{prefix}/{key}", value[-1] if isinstance(value, list) else value,
+                                           record["step"])
 
     def validate(self):
         result = evaluate(self.learner, self.val_tasks, self.config["inner_steps_test"], device=self.device)
