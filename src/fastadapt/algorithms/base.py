@@ -144,7 +144,7 @@ class MetaLearner(nn.Module):
         self.model = model
         self.inner_steps = inner_steps
         self.task_chunk = task_chunk
-        self.compile = compile
+        self.use_compile = compile
         self.iteration = 0  # meta-iterations taken so far, for schedules inside the algorithm
         # None: vmap the query pass on GPU, loop over tasks on CPU (see _chunk_fn); tests force both.
         self.vmap_query: Optional[bool] = None
@@ -246,7 +246,7 @@ class MetaLearner(nn.Module):
                 accuracies.append(accuracy)
             return weighted, torch.stack(losses, 1), torch.stack(accuracies, 1), scored[-1]
 
-        fn = torch.compile(chunk) if self.compile else chunk
+        fn = torch.compile(chunk) if self.use_compile else chunk
         self._compiled[key] = fn
         return fn
 
