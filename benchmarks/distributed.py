@@ -82,7 +82,8 @@ def main():
     print(f"{1:9d} {cores:12d} {one:13.3f} {1 / one:13.2f}")
     print(f"{args.procs:9d} {max(1, cores // args.procs):12d} {many:13.3f} {1 / many:13.2f}")
     print(f"speed-up {one / many:.2f}x, scaling efficiency {one / many / args.procs:.0%} of ideal "
-          f"(on one host with {cores} cores the processes share the same cores, so ~1x is the ceiling here)")
+          f"(the processes share the same {cores} cores: any gain here is one-thread processes avoiding "
+          f"multi-threading overhead on small operations, not more hardware)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ gradient; the table prints the largest gradient difference. Test-time adaptation
 
 Timings alternate between the two implementations (the machine is shared and noisy) and report
 medians and their ratio from one run. Peak memory is measured in a fresh subprocess per row:
-``torch.cuda.max_memory_allocated`` on GPU, the growth of peak RSS on CPU.
+``torch.cuda.max_memory_allocated`` on GPU, on CPU (Linux) the growth of the resident set's
+high-water mark during one call.
 
     python benchmarks/meta_step.py [--device cuda] [--reps 5] [--compile]
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -111,9 +111,21 @@ def _peak_in_process(device, row, which):
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss survives fork+exec (it would report the parent's peak), so reset the kernel's
+    # high-water mark of this process and read it back from /proc instead.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_kib("VmRSS")
     fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(key):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
 
 
 def main():
