@@ -89,3 +89,83 @@ def test_torchrun_cli_prints_once_and_writes_once(tmp_path):
     assert result.stdout.count("run folder") == 1 and "2 processes" in result.stdout
     assert result.stdout.count("6 test tasks") == 1
     assert json.loads((tmp_path / "run" / "test.json").read_text())["tasks"] == 6
+
+
+class StopAfter:
+    """Task source raising KeyboardInterrupt on draw ``n + 1`` (an interrupted run)."""
+
+    def __init__(self, tasks, n):
+        self.tasks, self.n = tasks, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.tasks):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield batch
+
+    def state_dict(self):
+        return self.tasks.state_dict()
+
+    def load_state_dict(self, state):
+        self.tasks.load_state_dict(state)
+
+
+def resume_worker(rank, world, port, out_dir, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = distributed.init("cpu", timeout_s=120)
+    try:
+        c = experiment.resolve(CONFIG)
+        torch.manual_seed(c["seed"])
+        learner = experiment.build_learner(c)
+        sources = experiment.build_data(c, splits=("train", "val"))
+        trainer = Trainer(learner, StopAfter(sources["train"], 13), c, out_dir, sources["val"], ctx)
+        try:
+            trainer.fit(progress=False)
+        except KeyboardInterrupt:
+            pass
+        torch.distributed.barrier()
+        torch.manual_seed(123)  # a resumed process starts from other random state
+        learner = experiment.build_learner(c)
+        trainer = Trainer(learner, experiment.build_data(c, splits=("train",))["train"], c, out_dir,
+                          sources["val"], ctx)
+        trainer.resume(Path(out_dir) / "last.pt")
+        trainer.fit(progress=False)
+        torch.save(learner.state_dict(), f"{result}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+def test_interrupted_two_process_run_resumes_to_the_same_parameters(tmp_path):
+    mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "resumed")), nprocs=2)
+    single, _ = train(tmp_path / "one")
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"resumed.{rank}", weights_only=True)
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
+
+
+def silent_worker(rank, world, port, result):
+    """Rank 1 joins but never takes part in a collective: rank 0 must fail, not hang."""
+    import time
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    ctx = distributed.init("cpu", timeout_s=3)
+    if rank == 1:
+        time.sleep(12)
+        return
+    start = time.perf_counter()
+    try:
+        distributed.average(torch.ones(3), ctx)
+        outcome = "no error"
+    except Exception as error:  # gloo raises RuntimeError subclasses on timeout
+        outcome = f"error after {time.perf_counter() - start:.0f}s: {type(error).__name__}"
+    Path(result).write_text(outcome)
+
+
+def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    mp.spawn(silent_worker, args=(2, free_port(), str(tmp_path / "outcome")), nprocs=2)
+    outcome = (tmp_path / "outcome").read_text()
+    assert outcome.startswith("error after"), outcome
+    assert int(outcome.split()[2].rstrip("s:")) < 12

@@ -16,7 +16,7 @@ from . import algorithms, data, models
 DEFAULTS = dict(
     dataset="glyphs", root=None, download=False, algo="maml",
     n_way=5, k_shot=1, k_query=15, task_batch=8, inner_steps=3, inner_steps_test=5,
-    inner_lr=0.4, meta_lr=1e-3, first_order=False, steps=300, eval_every=100, log_every=30,
+    inner_lr=0.4, meta_lr=1e-3, first_order=False, steps=300, eval_every=500, log_every=30,
     val_episodes=100, test_episodes=600, eval_batch=25, seed=0, device="cpu",
     image_size=None, channels=None, hidden=None, pool=None, cosine=False, clip_grad=None,
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
