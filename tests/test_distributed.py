@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from fastadapt import distributed, experiment
 from fastadapt.evaluate import evaluate
 from fastadapt.train import Trainer
+from test_workflow import InterruptAfter
 
 CONFIG = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=16,
               inner_steps=1, inner_steps_test=2, steps=20, eval_every=10, log_every=5, val_episodes=14,
@@ -91,25 +92,6 @@ def test_torchrun_cli_prints_once_and_writes_once(tmp_path):
     assert json.loads((tmp_path / "run" / "test.json").read_text())["tasks"] == 6
 
 
-class StopAfter:
-    """Task source raising KeyboardInterrupt on draw ``n + 1`` (an interrupted run)."""
-
-    def __init__(self, tasks, n):
-        self.tasks, self.n = tasks, n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.tasks):
-            if i == self.n:
-                raise KeyboardInterrupt
-            yield batch
-
-    def state_dict(self):
-        return self.tasks.state_dict()
-
-    def load_state_dict(self, state):
-        self.tasks.load_state_dict(state)
-
-
 def resume_worker(rank, world, port, out_dir, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -120,7 +102,7 @@ def resume_worker(rank, world, port, out_dir, result):
         torch.manual_seed(c["seed"])
         learner = experiment.build_learner(c)
         sources = experiment.build_data(c, splits=("train", "val"))
-        trainer = Trainer(learner, StopAfter(sources["train"], 13), c, out_dir, sources["val"], ctx)
+        trainer = Trainer(learner, InterruptAfter(sources["train"], 13), c, out_dir, sources["val"], ctx)
         try:
             trainer.fit(progress=False)
         except KeyboardInterrupt:
