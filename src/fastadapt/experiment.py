@@ -109,7 +109,12 @@ def build_learner(c: dict, model=None):
 
 
 def _alphabets(value):
-    return None if value is None else [a for a in value.split(",") if a] if isinstance(value, str) else list(value)
+    """Alphabet names from a comma-separated option (or a list, from the Python API)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [name for name in value.split(",") if name]
+    return list(value)
 
 
 def build_sets(c: dict):
