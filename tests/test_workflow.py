@@ -225,3 +225,18 @@ def test_tensorboard_flag_without_tensorboard_is_a_clear_error(tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     assert main(["train", *TINY_ARGS, "--tensorboard", "--out", str(tmp_path / "run")]) == 2
     assert "pip install 'fastadapt[tensorboard]'" in capsys.readouterr().err
+
+
+def test_cli_trains_on_real_omniglot_minimal_sets(tmp_path, capsys):
+    from conftest import shared_data
+    root = shared_data("omniglot/images_background_small2.zip").parent
+    shared_data("omniglot/images_background_small1.zip")
+    args = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+            "--train-alphabets", "Greek,Latin", "--val-split", "background_small2", "--val-alphabets",
+            "Japanese_(katakana),Tagalog", "--hidden", "8", "--n-way", "3", "--k-query", "2", "--task-batch", "2",
+            "--inner-steps", "1", "--steps", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet",
+            "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert "4 test tasks" in capsys.readouterr().out
+    config = load_checkpoint(tmp_path / "run")["config"]
+    assert config["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["channels"] == 1
