@@ -51,7 +51,9 @@ class MetaOutput:
 
 
 class _BatchNormMode(threading.local):
-    exact = False
+    def __init__(self):
+        # set on the instance (not only the class), so torch.compile's guards see a stable dict
+        self.exact = False
 
 
 _BATCH_NORM_MODE = _BatchNormMode()
