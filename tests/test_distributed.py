@@ -26,6 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def join(rank, world, port, timeout_s):
+    """Join a gloo group as torchrun would have set it up for this spawned process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    return distributed.init("cpu", timeout_s=timeout_s)
+
+
 def train(out_dir, ctx=None):
     c = experiment.resolve(CONFIG)
     torch.manual_seed(c["seed"])
@@ -36,10 +43,8 @@ def train(out_dir, ctx=None):
 
 
 def worker(rank, world, port, out_dir, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = distributed.init("cpu", timeout_s=120)
+    ctx = join(rank, world, port, timeout_s=120)
     try:
         learner, scores = train(out_dir, ctx)
         torch.save({"model": learner.state_dict(), "eval": scores.as_dict()}, f"{result}.{rank}")
@@ -93,10 +98,8 @@ def test_torchrun_cli_prints_once_and_writes_once(tmp_path):
 
 
 def resume_worker(rank, world, port, out_dir, result):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = distributed.init("cpu", timeout_s=120)
+    ctx = join(rank, world, port, timeout_s=120)
     try:
         c = experiment.resolve(CONFIG)
         torch.manual_seed(c["seed"])
@@ -131,12 +134,10 @@ def test_interrupted_two_process_run_resumes_to_the_same_parameters(tmp_path):
 def silent_worker(rank, world, port, result):
     """Rank 1 joins but never takes part in a collective: rank 0 must fail, not hang."""
     import time
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    ctx = distributed.init("cpu", timeout_s=3)
+    ctx = join(rank, world, port, timeout_s=3)
     if rank == 1:
         time.sleep(12)
-        return
+        os._exit(0)  # the group is broken: skip its destructor, which may abort the process
     start = time.perf_counter()
     try:
         distributed.average(torch.ones(3), ctx)
@@ -144,6 +145,7 @@ def silent_worker(rank, world, port, result):
     except Exception as error:  # gloo raises RuntimeError subclasses on timeout
         outcome = f"error after {time.perf_counter() - start:.0f}s: {type(error).__name__}"
     Path(result).write_text(outcome)
+    os._exit(0)
 
 
 def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):

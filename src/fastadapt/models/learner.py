@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
