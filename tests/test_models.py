@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from fastadapt import MAML, TaskBatch
 from fastadapt.models import Learner, conv4, miniimagenet_config, mlp, omniglot_config
@@ -62,3 +63,37 @@ def test_conv4_shapes():
 def test_mlp_shapes():
     assert mlp()(torch.rand(10, 1)).shape == (10, 1)
     assert mlp(3, 2, hidden=(8,))(torch.rand(5, 3)).shape == (5, 2)
+
+
+@pytest.mark.parametrize("options", [dict(stride=2, padding=1), dict(stride=1, padding=0, bias=True),
+                                     dict(stride=(1, 2), padding=(2, 1), dilation=2)])
+def test_first_layer_convolution_by_matmul_equals_conv2d_with_gradients_and_under_vmap(options):
+    from torch.func import vmap
+    from fastadapt.algorithms.base import _uses_matmul, small_convolutions_by_matmul
+
+    options = {"bias": False, **options}
+    conv = nn.Conv2d(1, 6, 3, **options).double()
+    assert _uses_matmul(conv) and not _uses_matmul(nn.Conv2d(2, 6, 3))
+    x = torch.rand(4, 1, 9, 11, dtype=torch.float64, requires_grad=True)
+    expected = conv(x)
+    with small_convolutions_by_matmul(conv):
+        assert conv.forward is not nn.Conv2d.forward.__get__(conv)
+        got = conv(x)
+    assert "forward" not in conv.__dict__  # patch removed on exit
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, conv.weight], create_graph=True),
+                    torch.autograd.grad(expected.square().sum(), [x, conv.weight], create_graph=True)):
+        torch.testing.assert_close(a, b)
+        # second order: differentiate the gradient again
+        torch.testing.assert_close(torch.autograd.grad(a.sum(), conv.weight, retain_graph=True)[0],
+                                   torch.autograd.grad(b.sum(), conv.weight, retain_graph=True)[0])
+    weights = torch.rand(3, *conv.weight.shape, dtype=torch.float64)
+    images = torch.rand(3, 4, 1, 9, 11, dtype=torch.float64)
+    params = {"weight": weights, **({"bias": torch.rand(3, 6, dtype=torch.float64)} if conv.bias is not None else {})}
+
+    def run(p, xs):
+        return torch.func.functional_call(conv, p, (xs,))
+
+    expected = vmap(run)(params, images)
+    with small_convolutions_by_matmul(conv):
+        torch.testing.assert_close(vmap(run)(params, images), expected)

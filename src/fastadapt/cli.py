@@ -18,6 +18,10 @@ PRESET_HELP = ("MAML paper settings (Finn, Abbeel and Levine, ICML 2017, sec. 5 
                + ", ".join(experiment.PRESETS))
 
 
+BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
+                      "the per-step statistics of a --per-step-bn run, so each image is classified alone")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options of a run; defaults are None so that explicit values override a preset."""
     add = p.add_argument
@@ -38,6 +42,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--multi-step-loss", type=int, help="MAML++: anneal per-step query-loss weights over N iterations")
     add("--lslr", action="store_true", default=None, help="MAML++: learned per-layer per-step inner rates")
     add("--first-order-until", type=int, help="MAML++: first order for the first N meta-iterations")
+    add("--per-step-bn", action="store_true", default=None,
+        help="MAML++: per-step BatchNorm weights and running statistics")
+    add("--bn-statistics", choices=["batch", "running"],
+        help="BatchNorm: each batch's own statistics (default) or per-step running ones (needs --per-step-bn)")
     add("--steps", "--epoch", dest="steps", type=int, help="meta-iterations")
     add("--eval-every", type=int)
     add("--log-every", type=int)
@@ -110,7 +118,9 @@ def cmd_train(args) -> int:
     seconds = time.perf_counter() - start
     result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
     if ctx.is_main:
-        (out / "test.json").write_text(json.dumps({**result.as_dict(), "train_seconds": seconds}, indent=2))
+        (out / "test.json").write_text(json.dumps({**result.as_dict(), "train_seconds": seconds,
+                                                     "meta_iteration_seconds": trainer.step_seconds / max(
+                                                         1, trainer.steps_run)}, indent=2))
     say(f"trained {config['steps']} steps in {seconds:.0f} s; test:")
     say(result.table())
     distributed.shutdown()
@@ -130,6 +140,8 @@ def cmd_eval(args) -> int:
     if args.episodes is not None:
         config["test_episodes"] = args.episodes
     config["device"] = args.device or config["device"]
+    if args.bn_statistics is not None:
+        config["bn_statistics"] = args.bn_statistics
     config = experiment.resolve(config)
     learner = experiment.build_learner(config)
     learner.load_state_dict(state["model"])
@@ -144,7 +156,10 @@ def cmd_predict(args) -> int:
     from .data.imageset import load_images
 
     state = load_checkpoint(args.checkpoint)
-    config = experiment.resolve(dict(state["config"], device="cpu"))
+    config = dict(state["config"], device="cpu")
+    if args.bn_statistics is not None:
+        config["bn_statistics"] = args.bn_statistics
+    config = experiment.resolve(config)
     if config["dataset"] == "sinusoid":
         raise ValueError("predict works with image classifiers; this checkpoint is a sinusoid regressor")
     support = ImageFolder(args.support, config["image_size"], config["channels"], strict_channels=True)
@@ -236,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", help="test split to evaluate on")
     ev.add_argument("--alphabets", help="comma-separated Omniglot alphabets")
     ev.add_argument("--device")
+    ev.add_argument("--bn-statistics", choices=["batch", "running"], help=BN_STATISTICS_HELP)
     ev.set_defaults(run=cmd_eval)
 
     pr = sub.add_parser("predict", help="adapt to a support folder and classify query images")
@@ -243,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class")
     pr.add_argument("--query", required=True, help="folder of images to classify")
     pr.add_argument("--steps", type=int, help="adaptation steps (default: the run's test steps)")
+    pr.add_argument("--bn-statistics", choices=["batch", "running"], help=BN_STATISTICS_HELP)
     pr.set_defaults(run=cmd_predict)
 
     pl = sub.add_parser("plot", help="learning curves and accuracy per inner step, as PNG")

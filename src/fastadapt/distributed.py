@@ -55,8 +55,14 @@ def init(device: str = "cpu", timeout_s: float = None) -> Context:
 
 
 def shutdown() -> None:
+    """Leave the process group together: every rank waits at a barrier first, so no rank tears
+    down its connections while a peer is still using them (gloo can abort a process whose peer
+    closed a socket under it)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def device_for(device: str) -> str:

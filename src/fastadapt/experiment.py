@@ -22,6 +22,7 @@ DEFAULTS = dict(
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
     dtype="float32", outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0,
+    per_step_bn=False, bn_statistics="batch",
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -47,9 +48,14 @@ PRESETS = {
 }
 
 DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+def _has_batch_norm(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _maml(model, c, loss, **overrides):
     options = dict(first_order=c["first_order"], multi_step_loss=c["multi_step_loss"], lslr=c["lslr"],
-                   first_order_until=c["first_order_until"])
+                   first_order_until=c["first_order_until"], per_step_bn=c["per_step_bn"],
+                   bn_statistics=c["bn_statistics"])
     options.update(overrides)
     return algorithms.MAML(model, c["inner_lr"], c["inner_steps"], loss=loss, task_chunk=c["task_chunk"], **options)
 
@@ -57,9 +63,11 @@ def _maml(model, c, loss, **overrides):
 ALGORITHMS = {
     "maml": _maml,
     # MAML++ with every option on; the schedule lengths are this project's choice (the paper counts
-    # epochs): multi-step loss annealed over the first 10% of training, first order for the first third.
+    # epochs): multi-step loss annealed over the first 10% of training, first order for the first third;
+    # per-step BatchNorm where the model has BatchNorm.
     "mamlpp": lambda model, c, loss: _maml(model, c, loss, lslr=True, multi_step_loss=max(1, c["steps"] // 10),
-                                           first_order_until=c["steps"] // 3),
+                                           first_order_until=c["steps"] // 3,
+                                           per_step_bn=c["per_step_bn"] or _has_batch_norm(model)),
     "fomaml": lambda model, c, loss: _maml(model, c, loss, first_order=True),
     "metasgd": lambda model, c, loss: algorithms.MetaSGD(model, c["inner_lr"], c["inner_steps"], c["first_order"],
                                                          loss=loss, task_chunk=c["task_chunk"]),
@@ -80,6 +88,13 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"--dtype must be float32 or float64, got {c['dtype']!r}")
     if c["algo"] not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {c['algo']!r}")
+    if c["bn_statistics"] not in ("batch", "running"):
+        raise ValueError(f"--bn-statistics must be batch or running, got {c['bn_statistics']!r}")
+    if c["bn_statistics"] == "running" and not (c["per_step_bn"] or c["algo"] == "mamlpp"):
+        raise ValueError("--bn-statistics running reads per-step statistics recorded in meta-training: "
+                         "it needs a run trained with --per-step-bn (or --algo mamlpp)")
+    if c["per_step_bn"] and c["algo"] not in ("maml", "fomaml", "mamlpp"):
+        raise ValueError(f"--per-step-bn is a MAML++ option (maml, fomaml, mamlpp), not of --algo {c['algo']}")
     if c["algo"] == "protonet" and c["dataset"] == "sinusoid":
         raise ValueError("--algo protonet classifies; it cannot run the sinusoid regression tasks")
     mini = c["dataset"] == "miniimagenet"

@@ -42,6 +42,8 @@ class Trainer:
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["steps"])
                           if config.get("cosine") else None)
         self.step = 0
+        # time in the meta-iterations this process ran (validation excluded), and how many it ran
+        self.step_seconds, self.steps_run = 0.0, 0
         self.best: Optional[float] = None
         self._tasks_state = tasks.state_dict()
 
@@ -127,6 +129,8 @@ class Trainer:
                     self.scheduler.step()
                 self.step += 1
                 self._tasks_state = self.tasks.state_dict()
+                self.step_seconds += time.perf_counter() - start
+                self.steps_run += 1
                 bar.update(1)
                 if logging:
                     seconds = time.perf_counter() - start

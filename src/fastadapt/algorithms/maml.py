@@ -7,7 +7,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import MetaLearner
+from torch.func import vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .base import MetaLearner, MetaOutput, _collect_batch_statistics, detach
 
 
 class MAML(MetaLearner):
@@ -27,6 +30,15 @@ class MAML(MetaLearner):
       to ``inner_lr`` (test-time steps beyond ``inner_steps`` reuse the last step's rates);
     - ``first_order_until=N``: derivative-order annealing, first order for the first N
       meta-iterations and second order after;
+    - ``per_step_bn=True``: per-step BatchNorm weights and biases, meta-learned and not adapted
+      in the inner loop (the pass at step 0 uses the model's own; steps 1.. have their own rows),
+      and per-step running statistics, recorded while meta-training (an exponential average,
+      momentum ``bn_momentum``, of the support-set statistics at each step, over the first
+      chunk of each meta-batch). They are used when ``bn_statistics="running"``: every pass at
+      step s then normalises with step s's statistics instead of its own batch's, so a single
+      image is classified the same alone or in a batch (non-transductive). The default,
+      ``"batch"``, keeps the transductive policy. The pass that scores the weights after step
+      s+1 uses step s's entries; test-time steps past ``inner_steps`` reuse the last;
     - cosine annealing of the meta learning rate is the Trainer's ``cosine`` option.
 
     >>> import fastadapt
@@ -35,7 +47,8 @@ class MAML(MetaLearner):
 
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, multi_step_loss: int = 0,
-                 lslr: bool = False, first_order_until: int = 0):
+                 lslr: bool = False, first_order_until: int = 0, per_step_bn: bool = False,
+                 bn_statistics: str = "batch", bn_momentum: float = 0.1):
         super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile)
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be positive, got {inner_lr!r}")
@@ -46,13 +59,111 @@ class MAML(MetaLearner):
         if lslr:
             tensors = len(list(model.parameters()))
             self.step_lrs = nn.Parameter(torch.full((max(inner_steps, 1), tensors), self.inner_lr))
+        self.per_step_bn = bool(per_step_bn)
+        self.bn_momentum = float(bn_momentum)
+        self.bn_statistics = bn_statistics
+        self._bn_names = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        if self.per_step_bn:
+            self._init_per_step_bn(model)
+
+    def _init_per_step_bn(self, model) -> None:
+        if not self._bn_names:
+            raise ValueError("per_step_bn=True: the model has no BatchNorm layer")
+        rows = max(self.inner_steps, 1)
+        modules = dict(model.named_modules())
+        weights, biases = [], []
+        for index, name in enumerate(self._bn_names):
+            bn = modules[name]
+            if not bn.affine:
+                raise ValueError(f"per_step_bn=True: BatchNorm layer {name!r} has no weights (affine=False)")
+            weights.append(nn.Parameter(bn.weight.detach().repeat(rows - 1, 1)))
+            biases.append(nn.Parameter(bn.bias.detach().repeat(rows - 1, 1)))
+            self.register_buffer(f"bn_running_mean_{index}", torch.zeros(rows, bn.num_features))
+            self.register_buffer(f"bn_running_var_{index}", torch.ones(rows, bn.num_features))
+        self.bn_step_weights, self.bn_step_biases = nn.ParameterList(weights), nn.ParameterList(biases)
+
+    @property
+    def bn_statistics(self) -> str:
+        return self._bn_statistics
+
+    @bn_statistics.setter
+    def bn_statistics(self, value: str) -> None:
+        if value not in ("batch", "running"):
+            raise ValueError(f"bn_statistics must be 'batch' or 'running', got {value!r}")
+        if value == "running" and not self.per_step_bn:
+            raise ValueError("bn_statistics='running' needs per_step_bn=True (the statistics it reads are "
+                             "recorded per step during meta-training)")
+        self._bn_statistics = value
+
+    def uses_running_statistics(self) -> bool:
+        return self._bn_statistics == "running"
+
+    def step_view(self, params, step):
+        if not self.per_step_bn:
+            return params
+        row = min(step, max(self.inner_steps, 1) - 1)
+        view = dict(params)
+        for index, name in enumerate(self._bn_names):
+            if row > 0:
+                view[f"{name}.weight"] = self.bn_step_weights[index][row - 1]
+                view[f"{name}.bias"] = self.bn_step_biases[index][row - 1]
+            if self._bn_statistics == "running":
+                view[f"{name}.running_mean"] = getattr(self, f"bn_running_mean_{index}")[row]
+                view[f"{name}.running_var"] = getattr(self, f"bn_running_var_{index}")[row]
+        return view
+
+    def _adapted(self, name: str) -> bool:
+        """Whether the inner loop updates the parameter ``name`` (per-step BatchNorm weights are
+        chosen per step instead)."""
+        return not (self.per_step_bn and name.rpartition(".")[0] in self._bn_names)
+
+    @torch.no_grad()
+    def record_statistics(self, batch) -> None:
+        """Fold the support-set BatchNorm statistics at each inner step of the first chunk of
+        ``batch`` into the per-step running statistics (first-order steps; no graph)."""
+        chunk = self._chunk_size(batch)
+        part = batch[:chunk] if chunk else batch
+        params, buffers = detach(self.meta_params()), self.model_buffers()
+        rows = max(self.inner_steps, 1)
+        mode, self._bn_statistics = self._bn_statistics, "batch"
+
+        def statistics_of_one_task(support_x, support_y):
+            found_per_step = []
+            for step, fast in enumerate(self.inner_loop(params, buffers, support_x, support_y, rows - 1, False)):
+                with _collect_batch_statistics() as found:
+                    self.forward_with(self.step_view(fast, step), buffers, support_x)
+                found_per_step.append(found)
+            means = [torch.stack([step[i][0] for step in found_per_step]) for i in range(len(self._bn_names))]
+            variances = [torch.stack([step[i][1] for step in found_per_step]) for i in range(len(self._bn_names))]
+            return means, variances
+
+        try:
+            with self.forward_context():
+                means, variances = vmap(statistics_of_one_task, randomness="different")(part.support_x,
+                                                                                         part.support_y)
+        finally:
+            self._bn_statistics = mode
+        for index in range(len(self._bn_names)):
+            for kind, values in (("mean", means[index]), ("var", variances[index])):
+                running = getattr(self, f"bn_running_{kind}_{index}")
+                running.lerp_(values.mean(0).to(running.dtype), self.bn_momentum)
+
+    def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
+        if self.per_step_bn and self.training and torch.is_grad_enabled():
+            self.record_statistics(batch)
+        return super().meta_loss(batch, per_step)
+
+    def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
+        if self.per_step_bn and self.training:
+            self.record_statistics(batch)
+        return super().meta_backward(batch, per_step)
 
     def create_graph(self) -> bool:
         return not self.first_order and self.iteration >= self.first_order_until
 
     def step_loss_weights(self, steps: int) -> Optional[torch.Tensor]:
-        if not self.multi_step_loss or steps == 0:
-            return None
+        if not self.multi_step_loss or steps <= 1:
+            return None  # one step: the multi-step loss is the plain one
         progress = min(self.iteration / self.multi_step_loss, 1.0)
         floor = 0.03 / steps
         weights = torch.full((steps,), max((1.0 - progress) / steps, floor))
@@ -61,12 +172,10 @@ class MAML(MetaLearner):
 
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
         fast = params
-        yield fast
+        yield self.step_view(fast, 0)
         for step in range(steps):
-            grads = self.support_grad(fast, buffers, support_x, support_y, create_graph)
-            if self.step_lrs is None:
-                fast = {name: w - self.inner_lr * grads[name] for name, w in fast.items()}
-            else:
-                rates = self.step_lrs[min(step, self.step_lrs.shape[0] - 1)]
-                fast = {name: w - rates[j] * grads[name] for j, (name, w) in enumerate(fast.items())}
-            yield fast
+            grads = self.support_grad(self.step_view(fast, step), buffers, support_x, support_y, create_graph)
+            rates = None if self.step_lrs is None else self.step_lrs[min(step, self.step_lrs.shape[0] - 1)]
+            fast = {name: (w - (self.inner_lr if rates is None else rates[j]) * grads[name]) if self._adapted(name) else w
+                    for j, (name, w) in enumerate(fast.items())}
+            yield self.step_view(fast, step)

@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 
+class SpatialMean(nn.Module):
+    """Average over the spatial axes: ``[N, C, H, W] -> [N, C]``. (``AdaptiveAvgPool2d(1)`` does
+    the same but falls back to a slow path under ``vmap`` on channels-last inputs.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1))
+
+
 class Conv4(nn.Module):
     """Four blocks of 3x3 conv -> BatchNorm -> ReLU, then a linear head.
 
@@ -42,7 +50,7 @@ class Conv4(nn.Module):
             raise ValueError(f"conv4: image_size={image_size} is too small for four blocks")
         if pool == "stride":
             # Features are averaged over the last spatial map (2x2 for 28x28 inputs).
-            blocks += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            blocks += [SpatialMean()]
             out_features = hidden
         else:
             blocks += [nn.Flatten()]
