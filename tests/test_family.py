@@ -191,3 +191,25 @@ def test_derivative_order_annealing_switches_from_first_to_second_order():
     annealed.on_step(5)
     for a, b in zip(grads_of(annealed.meta_loss(batch).loss, model), second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "mamlpp", "metasgd", "anil", "reptile", "protonet"])
+def test_every_algorithm_trains_evaluates_and_predicts_from_the_command_line(algo, tmp_path, capsys):
+    from fastadapt.checkpoint import load_checkpoint
+    from fastadapt.cli import main
+    from fastadapt.data import Glyphs
+    from test_workflow import TINY_ARGS, write_png
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--epoch", "2", "--algo", algo, "--out", str(run)]) == 0
+    assert load_checkpoint(run)["config"]["algo"] == algo
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    assert "2 test tasks" in capsys.readouterr().out
+    glyphs = Glyphs(num_classes=3, examples_per_class=2, split="test")
+    for c in range(3):
+        for e in range(2):
+            write_png(tmp_path / ("support" if e == 0 else "query") / f"c{c}" / f"{e}.png",
+                      255 - glyphs.images[2 * c + e, 0].numpy())
+    assert main(["predict", str(run), "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.rsplit(",", 1)[1] in {"c0", "c1", "c2"} for line in lines)
