@@ -140,6 +140,8 @@ def test_cli_train_eval_predict_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 test tasks" in out and (run / "last.pt").is_file() and (run / "test.json").is_file()
     assert load_checkpoint(run)["config"]["k_shot"] == 1
+    timing = json.loads((run / "test.json").read_text())
+    assert 0 < timing["meta_iteration_seconds"] * 4 <= timing["train_seconds"]  # 4 steps, validation excluded
 
     assert main(["eval", str(run), "--episodes", "6", "--inner-steps-test", "1"]) == 0
     table = capsys.readouterr().out

@@ -118,9 +118,8 @@ def cmd_train(args) -> int:
     seconds = time.perf_counter() - start
     result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
     if ctx.is_main:
-        (out / "test.json").write_text(json.dumps({**result.as_dict(), "train_seconds": seconds,
-                                                     "meta_iteration_seconds": trainer.step_seconds / max(
-                                                         1, trainer.steps_run)}, indent=2))
+        timing = {"train_seconds": seconds, "meta_iteration_seconds": trainer.step_seconds / max(1, trainer.steps_run)}
+        (out / "test.json").write_text(json.dumps({**result.as_dict(), **timing}, indent=2))
     say(f"trained {config['steps']} steps in {seconds:.0f} s; test:")
     say(result.table())
     distributed.shutdown()

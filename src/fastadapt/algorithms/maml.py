@@ -6,7 +6,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-
 from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -175,7 +174,13 @@ class MAML(MetaLearner):
         yield self.step_view(fast, 0)
         for step in range(steps):
             grads = self.support_grad(self.step_view(fast, step), buffers, support_x, support_y, create_graph)
-            rates = None if self.step_lrs is None else self.step_lrs[min(step, self.step_lrs.shape[0] - 1)]
-            fast = {name: (w - (self.inner_lr if rates is None else rates[j]) * grads[name]) if self._adapted(name) else w
-                    for j, (name, w) in enumerate(fast.items())}
+            fast = {name: w - self._inner_rate(step, index) * grads[name] if self._adapted(name) else w
+                    for index, (name, w) in enumerate(fast.items())}
             yield self.step_view(fast, step)
+
+    def _inner_rate(self, step: int, index: int):
+        """The inner learning rate of the ``index``-th parameter tensor at ``step`` (LSLR: learned,
+        steps past the trained ones reuse the last row)."""
+        if self.step_lrs is None:
+            return self.inner_lr
+        return self.step_lrs[min(step, self.step_lrs.shape[0] - 1), index]
