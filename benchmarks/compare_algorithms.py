@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -111,6 +112,8 @@ def row(setting: str, algo: str, result: dict, per_iteration: float) -> str:
     digits = 3 if regression else 2
 
     def cell(step):
+        if not math.isfinite(values[step]):
+            return f"diverges ({values[step]})"
         return f"{values[step] * scale:.{digits}f} ± {halfwidths[step] * scale:.{digits}f}{unit}"
 
     return (f"| {setting} | {algo} | {values[0] * scale:.{digits}f}{unit} | {cell(1)} | {cell(-1)} | "
