@@ -67,9 +67,7 @@ def run(setting: str, algo: str, options: list, out: Path) -> dict:
             command += ["--eval-every", options[options.index("--steps") + 1]]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
-    result = json.loads(result_file.read_text())
-    config = json.loads((out / "config.json").read_text())
-    return {**result, "steps": config["steps"]}
+    return json.loads(result_file.read_text())
 
 
 def time_iterations(setting: str, options: list, algos: list, reps: int) -> dict:

@@ -42,6 +42,11 @@ def train(out_dir, ctx=None):
     return learner, evaluate(learner, sources["val"], 2)
 
 
+def assert_same_parameters(state: dict, learner) -> None:
+    for name, value in learner.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6)
+
+
 def worker(rank, world, port, out_dir, result):
     torch.set_num_threads(1)
     ctx = join(rank, world, port, timeout_s=120)
@@ -55,8 +60,7 @@ def test_two_processes_equal_one_process_on_the_same_tasks(tmp_path):
     single, single_scores = train(tmp_path / "one")
     for rank in (0, 1):
         result = torch.load(tmp_path / f"result.{rank}", weights_only=True)
-        for name, value in single.state_dict().items():
-            torch.testing.assert_close(result["model"][name], value, rtol=1e-5, atol=1e-6)
+        assert_same_parameters(result["model"], single)
         # evaluation split over the ranks counts every task exactly once, on every rank
         assert result["eval"]["tasks"] == single_scores.tasks == 14
         torch.testing.assert_close(torch.tensor(result["eval"]["accuracy"], dtype=torch.float64),
@@ -129,9 +133,7 @@ def test_interrupted_two_process_run_resumes_to_the_same_parameters(tmp_path):
     mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "resumed")), nprocs=2)
     single, _ = train(tmp_path / "one")
     for rank in (0, 1):
-        resumed = torch.load(tmp_path / f"resumed.{rank}", weights_only=True)
-        for name, value in single.state_dict().items():
-            torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
+        assert_same_parameters(torch.load(tmp_path / f"resumed.{rank}", weights_only=True), single)
 
 
 def silent_worker(rank, world, port, result):

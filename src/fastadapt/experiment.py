@@ -26,19 +26,14 @@ DEFAULTS = dict(
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
+_OMNIGLOT = dict(dataset="omniglot", protocol="maml", rotations=True, k_query=15, steps=60000, eval_every=1000)
+_OMNIGLOT_5WAY = dict(_OMNIGLOT, n_way=5, task_batch=32, inner_steps=1, inner_steps_test=3, inner_lr=0.4)
+_OMNIGLOT_20WAY = dict(_OMNIGLOT, n_way=20, task_batch=16, inner_steps=5, inner_steps_test=5, inner_lr=0.1)
 PRESETS = {
-    "omniglot-5w1s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=5, k_shot=1, k_query=15,
-                          task_batch=32, inner_steps=1, inner_steps_test=3, inner_lr=0.4, steps=60000,
-                          eval_every=1000),
-    "omniglot-5w5s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=5, k_shot=5, k_query=15,
-                          task_batch=32, inner_steps=1, inner_steps_test=3, inner_lr=0.4, steps=60000,
-                          eval_every=1000),
-    "omniglot-20w1s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=20, k_shot=1, k_query=15,
-                           task_batch=16, inner_steps=5, inner_steps_test=5, inner_lr=0.1, steps=60000,
-                           eval_every=1000),
-    "omniglot-20w5s": dict(dataset="omniglot", protocol="maml", rotations=True, n_way=20, k_shot=5, k_query=15,
-                           task_batch=16, inner_steps=5, inner_steps_test=5, inner_lr=0.1, steps=60000,
-                           eval_every=1000),
+    "omniglot-5w1s": dict(_OMNIGLOT_5WAY, k_shot=1),
+    "omniglot-5w5s": dict(_OMNIGLOT_5WAY, k_shot=5),
+    "omniglot-20w1s": dict(_OMNIGLOT_20WAY, k_shot=1),
+    "omniglot-20w5s": dict(_OMNIGLOT_20WAY, k_shot=5),
     "miniimagenet-5w1s": dict(dataset="miniimagenet", n_way=5, k_shot=1, k_query=15, task_batch=4,
                               inner_steps=5, inner_steps_test=10, inner_lr=0.01, steps=60000, eval_every=1000),
     "miniimagenet-5w5s": dict(dataset="miniimagenet", n_way=5, k_shot=5, k_query=15, task_batch=2,
@@ -48,6 +43,8 @@ PRESETS = {
 }
 
 DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+
+
 def _has_batch_norm(model) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
