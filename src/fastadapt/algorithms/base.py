@@ -347,7 +347,7 @@ class MetaLearner(nn.Module):
         # images of 28x28 (measured fastest by benchmarks/meta_step.py), a whole sinusoid batch.
         # Without a graph (test-time fine-tuning) only the support sets are vmapped and the
         # working set is smaller: 64k support values, 16 Omniglot 5-way 1-shot tasks (chunks of
-        # 10-20 measured 15% faster than 4 for 100 tasks x 10 steps).
+        # 10-20 measured 11-14% faster than 4 for 100 tasks x 10 steps).
         if not with_graph:
             return max(1, _CPU_CHUNK_VALUES // 4 // batch.support_x[0].numel())
         per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
