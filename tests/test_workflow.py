@@ -156,8 +156,8 @@ def test_cli_train_eval_predict_plot(tmp_path, capsys):
     assert main(["predict", str(run), "--support", str(tmp_path / "support"),
                  "--query", str(tmp_path / "query"), "--steps", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 6
-    assert all(line.rsplit(",", 1)[1] in {"class0", "class1", "class2"} for line in lines)
+    assert lines[0] == "path,label,probability" and len(lines) == 7
+    assert all(line.split(",")[1] in {"class0", "class1", "class2"} for line in lines[1:])
 
     pytest.importorskip("matplotlib")
     assert main(["plot", str(run)]) == 0
@@ -184,7 +184,7 @@ def test_predict_rejects_wrong_class_count_and_channels(tmp_path, capsys):
         write_png(tmp_path / "two" / f"c{c}" / "0.png", grey)
     write_png(tmp_path / "query" / "q.png", grey)
     assert main(["predict", str(run), "--support", str(tmp_path / "two"), "--query", str(tmp_path / "query")]) == 2
-    assert "2 class folders, but the model is 3-way" in capsys.readouterr().err
+    assert "the support set has 2 classes, but the model is 3-way" in capsys.readouterr().err
     for c in range(3):
         write_png(tmp_path / "three" / f"c{c}" / "0.png", grey)
     write_png(tmp_path / "colour" / "q.png", np.zeros((28, 28, 3), dtype=np.uint8))

@@ -28,6 +28,15 @@ def save_checkpoint(payload: dict, path) -> Path:
     return path
 
 
+def find_checkpoint(path, prefer: str = "best.pt") -> Path:
+    """A checkpoint file as given, or in a run folder its ``prefer`` file (the validation-selected
+    weights) when present, else ``last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        return path / prefer if (path / prefer).is_file() else path / "last.pt"
+    return path
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
     path = Path(path)

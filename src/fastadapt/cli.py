@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import warnings
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import distributed, experiment
-from .checkpoint import load_checkpoint
+from . import distributed, experiment, models
+from .checkpoint import find_checkpoint, load_checkpoint
 from .evaluate import evaluate
 
 PRESET_HELP = ("MAML paper settings (Finn, Abbeel and Levine, ICML 2017, sec. 5 and app. A.1): "
@@ -30,14 +32,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--root", help="folder of the data set (omniglot: the zips or folders; folder: DIR/train, DIR/val)")
     add("--download", action="store_true", default=None, help="fetch Omniglot's official zips (verified)")
     add("--algo", choices=sorted(experiment.ALGORITHMS))
-    add("--n-way", type=int)
-    add("--k-shot", "--k-spt", dest="k_shot", type=int)
-    add("--k-query", "--k-qry", dest="k_query", type=int)
-    add("--task-batch", "--task-num", dest="task_batch", type=int, help="tasks per meta-batch")
-    add("--inner-steps", "--update-step", dest="inner_steps", type=int)
-    add("--inner-steps-test", "--update-step-test", dest="inner_steps_test", type=int)
-    add("--inner-lr", "--update-lr", dest="inner_lr", type=float)
-    add("--meta-lr", type=float)
+    add("--n-way", "--n_way", dest="n_way", type=int)
+    add("--k-shot", "--k-spt", "--k_spt", dest="k_shot", type=int)
+    add("--k-query", "--k-qry", "--k_qry", dest="k_query", type=int)
+    add("--task-batch", "--task-num", "--task_num", dest="task_batch", type=int, help="tasks per meta-batch")
+    add("--inner-steps", "--update-step", "--update_step", dest="inner_steps", type=int)
+    add("--inner-steps-test", "--update-step-test", "--update_step_test", dest="inner_steps_test", type=int)
+    add("--inner-lr", "--update-lr", "--update_lr", dest="inner_lr", type=float)
+    add("--meta-lr", "--meta_lr", dest="meta_lr", type=float)
     add("--outer-lr", type=float, help="Reptile's outer step size (default 1.0)")
     add("--multi-step-loss", type=int, help="MAML++: anneal per-step query-loss weights over N iterations")
     add("--lslr", action="store_true", default=None, help="MAML++: learned per-layer per-step inner rates")
@@ -57,6 +59,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--imgsz", "--image-size", dest="image_size", type=int)
     add("--imgc", "--channels", dest="channels", type=int)
     add("--hidden", type=int, help="conv4 filters")
+    add("--network", help="a JSON file with a MAML-Pytorch config list ([[\"conv2d\", [64, 1, 3, 3, 2, 0]], ...]) "
+                          "to train instead of conv4, initialised as that code does")
     add("--cosine", action="store_true", default=None, help="cosine annealing of the meta learning rate")
     add("--clip-grad", type=float, help="clip the meta-gradient norm")
     add("--train-split")
@@ -74,6 +78,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _config_from(args) -> dict:
     keys = set(experiment.DEFAULTS)
     explicit = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    if explicit.get("network") is not None:
+        explicit["network"] = models.load_network_config(explicit["network"])
     preset = experiment.PRESETS.get(args.preset, {}) if args.preset else {}
     return experiment.resolve({**preset, **explicit})
 
@@ -116,18 +122,37 @@ def cmd_train(args) -> int:
         say(f"stopped; continue with: fastadapt train --resume {out}", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
-    result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
+    final = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
+    report = {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}
+    result = final
+    if trainer.best_model is not None:
+        # the validation-selected weights are the run's result; the final ones may sit beside them
+        report.update(checkpoint="best.pt", step=trainer.best_step)
+        if trainer.best_step != trainer.step:
+            learner.load_state_dict(trainer.best_model)
+            result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
+            report = {"checkpoint": "best.pt", "step": trainer.best_step, **result.as_dict(),
+                      "final": {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}}
     if ctx.is_main:
         timing = {"train_seconds": seconds, "meta_iteration_seconds": trainer.step_seconds / max(1, trainer.steps_run)}
-        (out / "test.json").write_text(json.dumps({**result.as_dict(), **timing}, indent=2))
-    say(f"trained {config['steps']} steps in {seconds:.0f} s; test:")
+        (out / "test.json").write_text(json.dumps({**report, **timing}, indent=2))
+    say(f"trained {config['steps']} steps in {seconds:.0f} s; test of {report['checkpoint']} (step {report['step']}):")
     say(result.table())
+    if "final" in report:
+        say(f"final weights (last.pt, step {trainer.step}): {_final_summary(final)}")
     distributed.shutdown()
     return 0
 
 
+def _final_summary(result) -> str:
+    if result.accuracy is not None:
+        return f"{100 * result.accuracy[-1]:.2f}% ± {100 * result.accuracy_ci[-1]:.2f} after the last step"
+    return f"loss {result.loss[-1]:.4f} ± {result.loss_ci[-1]:.4f} after the last step"
+
+
 def cmd_eval(args) -> int:
-    state = load_checkpoint(args.checkpoint)
+    path = find_checkpoint(args.checkpoint)
+    state = load_checkpoint(path)
     config = dict(state["config"])
     for key in ("dataset", "root"):
         if getattr(args, key) is not None:
@@ -146,41 +171,40 @@ def cmd_eval(args) -> int:
     learner.load_state_dict(state["model"])
     steps = args.inner_steps_test if args.inner_steps_test is not None else config["inner_steps_test"]
     tasks = experiment.build_data(config, splits=("test",))["test"]
+    print(f"{path} (step {state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config["device"]).table())
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .data import ImageFolder
-    from .data.imageset import load_images
+    from .predict import Predictor
 
-    state = load_checkpoint(args.checkpoint)
-    config = dict(state["config"], device="cpu")
-    if args.bn_statistics is not None:
-        config["bn_statistics"] = args.bn_statistics
-    config = experiment.resolve(config)
-    if config["dataset"] == "sinusoid":
-        raise ValueError("predict works with image classifiers; this checkpoint is a sinusoid regressor")
-    support = ImageFolder(args.support, config["image_size"], config["channels"], strict_channels=True)
-    if support.num_classes != config["n_way"]:
-        raise ValueError(f"--support {args.support}: {support.num_classes} class folders, but the model is "
-                         f"{config['n_way']}-way")
-    query_root = Path(args.query)
-    if not query_root.is_dir():
-        raise FileNotFoundError(f"--query {query_root} is not a folder")
-    files = sorted(p for p in query_root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise ValueError(f"--query {query_root} holds no files")
-    images, _ = load_images([(str(p), p.read_bytes) for p in files], config["image_size"], config["channels"],
-                            strict_channels=True)
-    learner = experiment.build_learner(config)
-    learner.load_state_dict(state["model"])
-    steps = args.steps if args.steps is not None else config["inner_steps_test"]
-    fast = learner.adapt(support.images.float() / 255, support.targets, steps=steps)
-    with torch.no_grad():
-        predicted = learner.predict(fast, torch.from_numpy(images).float() / 255).argmax(-1)
-    for path, label in zip(files, predicted.tolist()):
-        print(f"{path},{support.class_names[label]}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
+                               bn_statistics=args.bn_statistics, invert=args.invert)
+    query = Path(args.query)
+    if not query.exists():
+        raise FileNotFoundError(f"--query {query} does not exist")
+    prediction = predictor.adapt(args.support).predict(query)
+    k = args.top_k or 1
+    ranked = prediction.top_k(k)
+    if args.format == "json":
+        rows = [{"path": source, "label": name, "probability": ranked[i][0][1],
+                 **({"top_k": [{"label": n, "probability": p} for n, p in ranked[i]]} if args.top_k else {})}
+                for i, (source, name) in enumerate(zip(prediction.sources, prediction.names))]
+        print(json.dumps(rows, indent=2))
+        return 0
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    header = ["path", "label", "probability"]
+    for rank in range(2, len(ranked[0]) + 1):
+        header += [f"label_{rank}", f"probability_{rank}"]
+    writer.writerow(header)
+    for source, name, top in zip(prediction.sources, prediction.names, ranked):
+        row = [source, name, f"{top[0][1]:.6f}"]
+        for other, probability in top[1:]:
+            row += [other, f"{probability:.6f}"]
+        writer.writerow(row)
     return 0
 
 
@@ -242,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")
-    ev.add_argument("checkpoint", help="run folder or checkpoint file")
+    ev.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
     ev.add_argument("--episodes", type=int, help="test tasks (default: the run's, 600)")
     ev.add_argument("--inner-steps-test", type=int)
     ev.add_argument("--dataset", choices=experiment.DATASETS)
@@ -253,11 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bn-statistics", choices=["batch", "running"], help=BN_STATISTICS_HELP)
     ev.set_defaults(run=cmd_eval)
 
-    pr = sub.add_parser("predict", help="adapt to a support folder and classify query images")
-    pr.add_argument("checkpoint")
-    pr.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class")
-    pr.add_argument("--query", required=True, help="folder of images to classify")
-    pr.add_argument("--steps", type=int, help="adaptation steps (default: the run's test steps)")
+    pr = sub.add_parser("predict", help="adapt to a support folder and classify query images",
+                        description="Adapt a meta-trained model to labelled support images and classify query "
+                                    "images. Files are read with the preprocessing stored in the checkpoint.")
+    pr.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
+    pr.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class (any number "
+                                                     "of images each)")
+    pr.add_argument("--query", required=True, help="an image, or a folder of images to classify (normalised "
+                                                   "together: see --bn-statistics)")
+    pr.add_argument("--inner-steps-test", "--steps", dest="inner_steps_test", type=int,
+                    help="adaptation steps (default: the run's test steps)")
+    pr.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (csv has a header)")
+    pr.add_argument("--top-k", type=int, help="also list the K most probable classes with probabilities")
+    pr.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                    help="override the stored polarity: --invert reads files as 255 - pixel (Omniglot's "
+                         "black-on-white PNGs), --no-invert as they are")
+    pr.add_argument("--device", help="default cpu")
     pr.add_argument("--bn-statistics", choices=["batch", "running"], help=BN_STATISTICS_HELP)
     pr.set_defaults(run=cmd_predict)
 
@@ -271,11 +306,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv or ["train"])
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
-        print(f"fastadapt {args.command}: error: {error}", file=sys.stderr)
-        return 2
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"fastadapt {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.run(args)
+        except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+            print(f"fastadapt {args.command}: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

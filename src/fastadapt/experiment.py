@@ -22,7 +22,7 @@ DEFAULTS = dict(
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
     dtype="float32", outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0,
-    per_step_bn=False, bn_statistics="batch",
+    per_step_bn=False, bn_statistics="batch", network=None,
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -72,7 +72,8 @@ ALGORITHMS = {
                                                    loss=loss, task_chunk=c["task_chunk"]),
     "reptile": lambda model, c, loss: algorithms.Reptile(model, c["inner_lr"], c["inner_steps"], c["outer_lr"],
                                                          loss=loss, task_chunk=c["task_chunk"]),
-    "protonet": lambda model, c, loss: algorithms.ProtoNet(model, c["n_way"], task_chunk=c["task_chunk"]),
+    "protonet": lambda model, c, loss: algorithms.ProtoNet(model, c["n_way"], task_chunk=c["task_chunk"],
+                                                           embedding="features" if hasattr(model, "features") else None),
 }
 
 
@@ -104,12 +105,43 @@ def resolve(config: dict) -> dict:
     for key in ("n_way", "k_shot", "k_query", "task_batch", "steps", "val_episodes", "test_episodes", "eval_batch"):
         if not isinstance(c[key], int) or c[key] <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]!r}")
+    if c["network"] is not None:
+        _check_network(c)
     return c
+
+
+def _check_network(c: dict) -> None:
+    """A config-list network (``--network``) must fit the run: its output is the class count."""
+    if c["dataset"] == "sinusoid":
+        raise ValueError("--network is for image classifiers; the sinusoid run uses its MLP")
+    if c["algo"] == "anil":
+        raise ValueError("--algo anil needs a network with 'features' and 'head' parts (conv4), not --network")
+    try:
+        network = models.Learner(c["network"])
+    except ValueError as error:
+        raise ValueError(f"--network: {error}") from error
+    linear = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+    if c["algo"] != "protonet" and linear and linear[-1].out_features != c["n_way"]:
+        raise ValueError(f"--network: the last linear layer gives {linear[-1].out_features} outputs, but --n-way "
+                         f"is {c['n_way']}")
+
+
+def default_transform(c: dict):
+    """The preprocessing a data set's loader applies, for a checkpoint that does not store it (older
+    than the ``transform`` entry); None for sinusoid. A folder's polarity is unknown here."""
+    loaders = {"omniglot": data.Omniglot, "glyphs": data.Glyphs, "miniimagenet": data.MiniImageNet}
+    if c["dataset"] == "sinusoid":
+        return None
+    if c["dataset"] in loaders:
+        return loaders[c["dataset"]].default_transform(c["image_size"])
+    return data.ImageTransform(c["image_size"], c["channels"])
 
 
 def build_model(c: dict):
     if c["dataset"] == "sinusoid":
         return models.mlp()
+    if c["network"] is not None:  # the reference code's config list, with its initialisation
+        return models.reference_init_(models.Learner(c["network"]))
     return models.conv4(c["channels"], c["n_way"], c["hidden"], c["image_size"], c["pool"])
 
 

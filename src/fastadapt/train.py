@@ -29,8 +29,14 @@ class TrainingDiverged(RuntimeError):
 
 class Trainer:
     def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None, dist_context=None,
-                 writer=None):
+                 writer=None, transform=None, class_names=None):
         self.learner, self.tasks, self.config = learner, tasks, dict(config)
+        # What turned files into the training tensors, and the training classes: stored in every
+        # checkpoint so prediction reads a user's files the same way. By default the task
+        # source's data set's (an EpisodeSampler's).
+        dataset = getattr(tasks, "dataset", None)
+        self.transform = transform if transform is not None else getattr(dataset, "transform", None)
+        self.class_names = class_names if class_names is not None else getattr(dataset, "class_names", None)
         self.writer = writer  # e.g. torch.utils.tensorboard.SummaryWriter: anything with add_scalar
         # Under torchrun each rank trains on its share of every meta-batch (fastadapt.distributed).
         self.dist = dist_context or distributed.current()
@@ -45,6 +51,8 @@ class Trainer:
         # time in the meta-iterations this process ran (validation excluded), and how many it ran
         self.step_seconds, self.steps_run = 0.0, 0
         self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_model: Optional[dict] = None  # a copy of the weights that scored ``best``
         self._tasks_state = tasks.state_dict()
 
     # ------------------------------------------------------------------ checkpoints
@@ -54,7 +62,9 @@ class Trainer:
             "model": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "step": self.step, "best": self.best, "config": self.config, "rng": torch.get_rng_state(),
-            "tasks": self._tasks_state, "version": __version__,
+            "tasks": self._tasks_state, "version": __version__, "best_step": self.best_step,
+            "transform": self.transform.to_dict() if self.transform is not None else None,
+            "class_names": self.class_names,
         }
 
     def save(self, name: str = "last.pt") -> Optional[Path]:
@@ -68,7 +78,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.best = int(state["step"]), state["best"]
+        self.step, self.best, self.best_step = int(state["step"]), state["best"], state.get("best_step")
+        best = Path(path if Path(path).is_dir() else Path(path).parent) / "best.pt"
+        if self.best is not None and best.is_file():
+            self.best_model = load_checkpoint(best)["model"]
         torch.set_rng_state(state["rng"])
         self.tasks.load_state_dict(state["tasks"])
         self._tasks_state = self.tasks.state_dict()
@@ -94,7 +107,8 @@ class Trainer:
         score = float(result.accuracy[-1]) if result.accuracy is not None else -float(result.loss[-1])
         self._write({"step": self.step, "val": result.as_dict()})
         if self.best is None or score > self.best:
-            self.best = score
+            self.best, self.best_step = score, self.step
+            self.best_model = {k: v.detach().clone() for k, v in self.learner.state_dict().items()}
             self.save("best.pt")
         return result
 

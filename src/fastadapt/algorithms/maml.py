@@ -167,7 +167,7 @@ class MAML(MetaLearner):
         floor = 0.03 / steps
         weights = torch.full((steps,), max((1.0 - progress) / steps, floor))
         weights[-1] = min(1.0 / steps + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
-        return weights.to(next(self.model.parameters()))
+        return weights.to(next(iter(self.model.parameters())))
 
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
         fast = params

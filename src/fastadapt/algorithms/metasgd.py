@@ -10,14 +10,18 @@ from .maml import MAML
 
 class MetaSGD(MAML):
     """Each weight element has its own inner learning rate, initialised to ``inner_lr`` and
-    meta-learned with the initialisation (``self.inner_lrs`` is part of ``.parameters()``)."""
+    meta-learned with the initialisation (``self.inner_lrs`` is part of ``.parameters()``; its
+    rates are in the model's parameter order, so ``zip(model.parameters(), inner_lrs.values())``
+    pairs each weight with its rates)."""
 
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False):
         super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile)
-        self.inner_lrs = nn.ParameterDict({
-            self._key(name): nn.Parameter(torch.full_like(p, self.inner_lr)) for name, p in model.named_parameters()
-        })
+        # built from pairs, not a dict: ParameterDict sorts a plain dict's keys, which would list the
+        # rates in name order (0, 11, 12, ..., 2) rather than in the model's parameter order
+        self.inner_lrs = nn.ParameterDict([
+            (self._key(name), nn.Parameter(torch.full_like(p, self.inner_lr))) for name, p in model.named_parameters()
+        ])
 
     @staticmethod
     def _key(name: str) -> str:

@@ -8,6 +8,7 @@ from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot, maml_protocol
 from .sampler import EpisodeSampler
 from .sinusoid import Sinusoid
+from .transform import ImageTransform
 
 __all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "maml_protocol",
-           "MiniImageNet", "ImageFolder", "Glyphs"]
+           "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform"]

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from .imageset import ImageSet, load_images
+from .transform import ImageTransform, image_files, polarity
 
 
 class ImageFolder(ImageSet):
     """Every sub-folder of ``root`` is a class, every file in it an image (any format Pillow reads).
 
-    Images are converted to ``channels`` (1: grey, 3: RGB) and resized to ``image_size`` squared.
-    A file that cannot be decoded raises a ``ValueError`` naming it (``on_error="raise"``, the
+    Images are converted to ``channels`` (1: grey, 3: RGB), resized to ``image_size`` squared and,
+    with ``invert=True``, inverted (``255 - pixel``). A file whose suffix is not an image format's
+    (``notes.txt``, ``Thumbs.db``) is skipped with a warning naming it. A file that cannot be decoded raises a ``ValueError`` naming it (``on_error="raise"``, the
     default) or is skipped with a warning naming it (``on_error="skip"``); it is never given a
     label. A class folder with no usable image is an error. ``strict_channels=True`` makes an
     image of another channel count (colour in a grey set, or the reverse) an error too.
     """
 
     def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise",
-                 strict_channels: bool = False):
+                 strict_channels: bool = False, invert: bool = False):
         root = Path(root).expanduser()
         if channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels!r}")
@@ -31,18 +34,22 @@ class ImageFolder(ImageSet):
             raise ValueError(f"ImageFolder: {root} has no class sub-folders (expected root/<class>/<image>)")
         files, labels = [], []
         for label, name in enumerate(classes):
-            members = sorted(p for p in (root / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+            members, others = image_files(root / name)
+            for other in others:
+                warnings.warn(f"skipping {other}: not an image file", stacklevel=2)
             if not members:
-                raise ValueError(f"ImageFolder: class folder {root / name} is empty")
+                raise ValueError(f"ImageFolder: class folder {root / name} holds no image files")
             files += members
             labels += [label] * len(members)
-        images, kept = load_images([(str(p), p.read_bytes) for p in files], image_size, channels, on_error,
-                                   strict_channels)
+        transform = ImageTransform(image_size, channels, invert=invert)
+        images, kept = load_images([(str(p), p.read_bytes) for p in files], transform, on_error, strict_channels)
         targets = torch.tensor([labels[i] for i in kept], dtype=torch.long)
         counts = torch.bincount(targets, minlength=len(classes))
         empty = [classes[i] for i in range(len(classes)) if counts[i] == 0]
         if empty:
             raise ValueError(f"ImageFolder: class folder {root / empty[0]} has no readable image")
-        super().__init__(torch.from_numpy(images), targets, classes)
-        self.root = root
+        images = torch.from_numpy(images)
+        transform = transform.replace(background=polarity(images))
         self.files = [files[i] for i in kept]
+        super().__init__(images, targets, classes, transform, [str(p) for p in self.files])
+        self.root = root

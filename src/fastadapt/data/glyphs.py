@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .imageset import ImageSet
+from .transform import ImageTransform
 
 # Class identities of the splits live in disjoint ranges, so the splits never share a character.
 _SPLIT_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}
@@ -57,8 +58,13 @@ class Glyphs(ImageSet):
 
     ``split`` (``train``, ``val`` or ``test``) selects a disjoint range of characters; the same
     ``(seed, split, num_classes, examples_per_class, image_size)`` always gives the same images.
-    Strokes are bright on a zero background, as in ``Omniglot``.
+    Strokes are bright on a zero background, as in ``Omniglot``; as files (``predict``) they are
+    taken to look like Omniglot's, dark strokes on white, and are inverted the same way.
     """
+
+    @staticmethod
+    def default_transform(image_size: int = 28) -> ImageTransform:
+        return ImageTransform(image_size, channels=1, resample="lanczos", invert=True, background="dark")
 
     def __init__(self, num_classes: int = 200, examples_per_class: int = 20, image_size: int = 28,
                  seed: int = 0, split: str = "train"):
@@ -76,5 +82,6 @@ class Glyphs(ImageSet):
             for e in range(examples_per_class):
                 images[c * examples_per_class + e, 0] = _draw(strokes, image_size, drawing)
         targets = torch.arange(num_classes).repeat_interleave(examples_per_class)
-        super().__init__(torch.from_numpy(images), targets, [f"glyph{offset + c}" for c in range(num_classes)])
+        super().__init__(torch.from_numpy(images), targets, [f"glyph{offset + c}" for c in range(num_classes)],
+                         self.default_transform(image_size))
         self.split, self.seed = split, seed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import warnings
 from pathlib import Path
@@ -11,19 +10,21 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+from .transform import ImageTransform
 
 
 class ImageSet:
     """Images of several classes held in memory.
 
     ``images``: uint8 ``[N, C, H, W]``; ``targets``: int64 ``[N]`` class indices into
-    ``class_names``. Samplers only need these and ``indices_of``.
+    ``class_names``. Samplers only need these and ``indices_of``. ``transform``, where the set
+    was read from files, is the ``ImageTransform`` that made ``images`` from them (and turns them
+    into network input); ``sources`` names each image's file where known.
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str]):
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str],
+                 transform: Optional[ImageTransform] = None, sources: Optional[Sequence[str]] = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}")
         if targets.shape != (images.shape[0],):
@@ -31,6 +32,10 @@ class ImageSet:
         self.images = images
         self.targets = targets.to(torch.int64)
         self.class_names = list(class_names)
+        if sources is not None and len(sources) != images.shape[0]:
+            raise ValueError(f"sources must name the {images.shape[0]} images, got {len(sources)} names")
+        self.transform = transform
+        self.sources = list(sources) if sources is not None else None
         order = torch.argsort(self.targets, stable=True)
         counts = torch.bincount(self.targets, minlength=len(self.class_names))
         self._class_indices = list(torch.split(order, counts.tolist()))
@@ -57,51 +62,38 @@ class ImageSet:
         index = torch.cat([self._class_indices[c] for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
         relabel = torch.full((self.num_classes,), -1, dtype=torch.long)
         relabel[torch.tensor(classes, dtype=torch.long)] = torch.arange(len(classes))
-        return ImageSet(self.images[index], relabel[self.targets[index]], [self.class_names[c] for c in classes])
+        sources = None if self.sources is None else [self.sources[i] for i in index.tolist()]
+        return ImageSet(self.images[index], relabel[self.targets[index]], [self.class_names[c] for c in classes],
+                        self.transform, sources)
+
+    def to_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Network input from some of ``images``: the transform's, or ``uint8 / 255``."""
+        if self.transform is not None:
+            return self.transform.to_tensor(images)
+        return images.float().div_(255)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.num_classes} classes, {len(self)} images of "
                 f"{tuple(self.images.shape[1:])})")
 
 
-_GREY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
-
-
-def decode_image(data: bytes, image_size: int, channels: int, source: str, strict_channels: bool = False) -> np.ndarray:
-    """Decode one image to uint8 ``[channels, image_size, image_size]``; errors name ``source``.
-
-    With ``strict_channels`` an image whose own channel count (grey 1, colour 3) differs from
-    ``channels`` is an error rather than converted.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            native = 1 if img.mode in _GREY_MODES else 3
-            if strict_channels and native != channels:
-                raise ValueError(f"{source}: image has {native} channel(s) ({img.mode}), expected {channels}")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{source}: cannot decode image ({error})") from error
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
-
-
-def load_images(items: Sequence[Tuple[str, callable]], image_size: int, channels: int,
+def load_images(items: Sequence[Tuple[str, callable]], transform: ImageTransform,
                 on_error: str = "raise", strict_channels: bool = False) -> Tuple[np.ndarray, List[int]]:
-    """Decode ``(source, read_bytes)`` pairs; returns the stacked images and the kept positions."""
+    """Decode ``(source, read_bytes)`` pairs with ``transform``; returns the stacked uint8 images
+    and the positions kept (with ``on_error="skip"`` an undecodable file is left out, with a
+    warning naming it)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     arrays, kept = [], []
     for position, (source, read) in enumerate(items):
         try:
-            arrays.append(decode_image(read(), image_size, channels, source, strict_channels))
+            arrays.append(transform.decode(read(), source, strict_channels))
             kept.append(position)
         except ValueError as error:
             if on_error == "raise":
                 raise
             warnings.warn(f"skipping {error}", stacklevel=2)
-    empty = np.zeros((0, channels, image_size, image_size), np.uint8)
+    empty = np.zeros((0, transform.channels, transform.image_size, transform.image_size), np.uint8)
     return (np.stack(arrays) if arrays else empty), kept
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .imageset import ImageSet, cache_location, cached_array, load_images
+from .transform import ImageTransform
 
 SPLITS = ("train", "val", "test")
 
@@ -46,6 +47,11 @@ class MiniImageNet(ImageSet):
     (``cache`` as in ``Omniglot``: True next to the data, a folder, or False).
     """
 
+    @staticmethod
+    def default_transform(image_size: int = 84) -> ImageTransform:
+        """Colour photographs resized with Lanczos, values in [0, 1], no normalisation."""
+        return ImageTransform(image_size, channels=3, resample="lanczos")
+
     def __init__(self, root, split: str = "train", image_size: int = 84, cache=True):
         if split not in SPLITS:
             raise ValueError(f"MiniImageNet: split must be one of {SPLITS}, got {split!r}")
@@ -53,13 +59,14 @@ class MiniImageNet(ImageSet):
         pkl, table = root / f"mini-imagenet-cache-{split}.pkl", root / f"{split}.csv"
         if pkl.is_file():
             images, targets, names = self._from_pickle(pkl, image_size)
+            sources = None
         elif table.is_file():
-            images, targets, names = self._from_csv(root, table, image_size, cache)
+            images, targets, names, sources = self._from_csv(root, table, image_size, cache)
         else:
             raise FileNotFoundError(f"MiniImageNet split {split!r}: neither {pkl} nor {table} (with {root / 'images'}/) "
                                     "exists; see docs for the expected layouts")
         super().__init__(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-                         torch.tensor(targets), names)
+                         torch.tensor(targets), names, self.default_transform(image_size), sources)
         self.split, self.root = split, root
 
     @staticmethod
@@ -97,9 +104,10 @@ class MiniImageNet(ImageSet):
 
         def build():
             items = [(str(root / "images" / f), (root / "images" / f).read_bytes) for f, _ in rows]
-            array, _ = load_images(items, image_size, 3)
+            array, _ = load_images(items, MiniImageNet.default_transform(image_size))
             return array.transpose(0, 2, 3, 1)
 
         cache_path = cache_location(cache, root, f"miniimagenet_{table.stem}_{image_size}px")
         images = cached_array(cache_path, f"{table}:{table.stat().st_mtime}:{len(rows)}", build)
-        return images, np.array([index[label] for _, label in rows], dtype=np.int64), names
+        sources = [str(root / "images" / f) for f, _ in rows]
+        return images, np.array([index[label] for _, label in rows], dtype=np.int64), names, sources

@@ -12,6 +12,7 @@ import torch
 from .download import download as fetch
 from .download import extract_zip
 from .imageset import ImageSet, cache_location, cached_array, load_images
+from .transform import ImageTransform
 
 SPLITS = {
     "background": "images_background",
@@ -52,14 +53,17 @@ def _list_source(root: Path, base: str):
     return None, None
 
 
-def _rotate(images: torch.Tensor, targets: torch.Tensor, names: Sequence[str]):
+def _rotate(images: torch.Tensor, targets: torch.Tensor, names: Sequence[str], sources=None):
     """Add 90/180/270-degree rotated copies of every class as new classes."""
     all_images, all_targets, all_names = [images], [targets], list(names)
+    all_sources = None if sources is None else list(sources)
     for k in (1, 2, 3):
         all_images.append(torch.rot90(images, k, dims=(2, 3)))
         all_targets.append(targets + k * len(names))
         all_names += [f"{n}/rot{90 * k}" for n in names]
-    return torch.cat(all_images), torch.cat(all_targets), all_names
+        if all_sources is not None:
+            all_sources += [f"{s} (rotated {90 * k} degrees)" for s in sources]
+    return torch.cat(all_images), torch.cat(all_targets), all_names, all_sources
 
 
 class Omniglot(ImageSet):
@@ -68,11 +72,17 @@ class Omniglot(ImageSet):
     ``root`` holds the official zips (``images_background.zip`` ...) or their unzipped folders.
     ``split``: ``background``, ``evaluation``, ``background_small1`` or ``background_small2``.
     Images are resized to ``image_size`` (Lanczos) and inverted, so strokes are bright on a zero
-    background. ``alphabets`` keeps only the named alphabets; ``rotations=True`` adds rotated copies
+    background (``default_transform``, stored in checkpoints so ``predict`` reads files the same
+    way); ``sources`` names each image's file (``zip:member`` or path). ``alphabets`` keeps only the named alphabets; ``rotations=True`` adds rotated copies
     of each character as new classes (the MAML paper's augmentation). The decoded images are cached
     as ``.npy`` if asked: ``cache=True`` next to the data (when that folder is writable), a path
     puts the cache in that folder; off by default (decoding the full set takes seconds).
     """
+
+    @staticmethod
+    def default_transform(image_size: int = 28) -> ImageTransform:
+        """The files are black strokes on white; the network sees them inverted."""
+        return ImageTransform(image_size, channels=1, resample="lanczos", invert=True, background="dark")
 
     def __init__(self, root, split: str = "background", image_size: int = 28, rotations: bool = False,
                  download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=False):
@@ -103,16 +113,18 @@ class Omniglot(ImageSet):
             entries = [e for e in entries if e[0].split("/")[0] in wanted]
         index = {name: i for i, name in enumerate(class_names)}
 
+        transform = self.default_transform(image_size)
+
         def build():
-            array, _ = load_images([(source, read) for _, source, read in entries], image_size, 1)
-            return 255 - array
+            return load_images([(source, read) for _, source, read in entries], transform)[0]
 
         cache_path = cache_location(cache, root, f"{base}_{image_size}px")
         images = torch.from_numpy(cached_array(cache_path, f"{fingerprint}:{sorted(alphabets or [])}", build))
         targets = torch.tensor([index[name] for name, _, _ in entries])
+        sources = [source for _, source, _ in entries]
         if rotations:
-            images, targets, class_names = _rotate(images, targets, class_names)
-        super().__init__(images, targets, class_names)
+            images, targets, class_names, sources = _rotate(images, targets, class_names, sources)
+        super().__init__(images, targets, class_names, transform, sources)
         self.split, self.root = split, root
 
 
@@ -128,7 +140,7 @@ def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: i
     Returns ``(train, val, test)``; ``val`` is empty (0 classes) when ``val_classes=0``.
     """
     parts = [Omniglot(root, s, image_size=image_size, download=download) for s in splits]
-    names, images, targets = [], [], []
+    names, images, targets, sources = [], [], [], []
     seen = set()
     for part in parts:
         for c, name in enumerate(part.class_names):
@@ -137,12 +149,13 @@ def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: i
             seen.add(name)
             idx = part.indices_of(c)
             images.append(part.images[idx])
+            sources += [part.sources[i] for i in idx.tolist()]
             targets.append(torch.full((len(idx),), len(names)))
             names.append(name)
     if not 0 <= val_classes <= train_classes < len(names):
         raise ValueError(f"maml_protocol: need 0 <= val_classes ({val_classes}) <= train_classes "
                          f"({train_classes}) < number of characters ({len(names)})")
-    pool = ImageSet(torch.cat(images), torch.cat(targets), names)
+    pool = ImageSet(torch.cat(images), torch.cat(targets), names, parts[0].transform, sources)
     order = np.random.default_rng(seed).permutation(len(names)).tolist()
     train_ids = order[:train_classes - val_classes]
     val_ids = order[train_classes - val_classes:train_classes]
@@ -151,7 +164,9 @@ def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: i
     def part(ids):
         subset = pool.subset(ids)
         if rotations and ids:
-            return ImageSet(*_rotate(subset.images, subset.targets, subset.class_names))
+            images, targets, names, sources = _rotate(subset.images, subset.targets, subset.class_names,
+                                                      subset.sources)
+            return ImageSet(images, targets, names, subset.transform, sources)
         return subset
 
     return part(train_ids), part(val_ids), part(test_ids)

@@ -17,7 +17,8 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
 
     Each task has ``n_way`` distinct classes and ``k_shot + k_query`` distinct images per class,
     so no image is both in the support and the query set. Labels are 0..n_way-1 assigned to the
-    classes in a random order per task. Images are float in [0, 1] (uint8 / 255).
+    classes in a random order per task. Images become network input through the data set's
+    ``to_tensor`` (its ``ImageTransform``; uint8 / 255 for a plain tensor set).
 
     Episode ``i`` is a pure function of ``(seed, i)``: iterating yields episodes ``start``,
     ``start + 1``, ... forever, on any machine, advancing ``start`` as it goes (``state_dict``); in a ``DataLoader`` (``batch_size=None``) worker
@@ -50,7 +51,10 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         self.start = 0
         self._class_indices = [dataset.indices_of(c).numpy() for c in range(dataset.num_classes)]
 
-    def episode(self, index: int, stream: int = _TRAIN_STREAM) -> TaskBatch:
+    def episode_indices(self, index: int, stream: int = _TRAIN_STREAM):
+        """Which images make episode ``index``: ``picks`` ``[T, n_way, k_shot + k_query]`` indices
+        into the data set (support first) and ``labels`` ``[T, n_way]``, the label of each slot's
+        class, with the generator that drew them (``episode`` goes on using it)."""
         rng = np.random.default_rng([self.seed, stream, index])
         per_class = self.k_shot + self.k_query
         picks = np.empty((self.batch_size, self.n_way, per_class), dtype=np.int64)
@@ -61,7 +65,13 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
                 members = self._class_indices[cls]
                 picks[task, slot] = members[rng.choice(len(members), per_class, replace=False)]
             labels[task] = rng.permutation(self.n_way)
-        images = self.dataset.images[torch.from_numpy(picks.reshape(-1))].float().div_(255)
+        return picks, labels, rng
+
+    def episode(self, index: int, stream: int = _TRAIN_STREAM) -> TaskBatch:
+        picks, labels, rng = self.episode_indices(index, stream)
+        per_class = self.k_shot + self.k_query
+        images = self.dataset.images[torch.from_numpy(picks.reshape(-1))]
+        images = self.dataset.to_tensor(images) if hasattr(self.dataset, "to_tensor") else images.float().div_(255)
         if self.augment is not None:
             images = self.augment(images, rng)
         images = images.reshape(self.batch_size, self.n_way, per_class, *images.shape[1:])
@@ -91,6 +101,12 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         if episodes <= 0:
             raise ValueError(f"EpisodeSampler.fixed: episodes must be positive, got {episodes}")
         return [self.episode(i, _FIXED_STREAM) for i in range(episodes)]
+
+    def fixed_indices(self, episode: int):
+        """``(picks, labels)`` of ``fixed()``'s meta-batch ``episode``, as ``episode_indices`` gives them:
+        which images (``dataset.sources`` names their files) and labels evaluation uses."""
+        picks, labels, _ = self.episode_indices(episode, _FIXED_STREAM)
+        return picks, labels
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "start": self.start}

@@ -5,7 +5,8 @@ Nothing here knows about meta-learning: every algorithm runs these modules funct
 """
 
 from .conv import conv4
-from .learner import Learner, miniimagenet_config, omniglot_config
+from .learner import Learner, load_network_config, miniimagenet_config, omniglot_config, reference_init_
 from .mlp import mlp
 
-__all__ = ["conv4", "mlp", "Learner", "omniglot_config", "miniimagenet_config"]
+__all__ = ["conv4", "mlp", "Learner", "omniglot_config", "miniimagenet_config", "reference_init_",
+           "load_network_config"]

@@ -8,8 +8,11 @@ in-place activations cannot be differentiated through functionally.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -91,6 +94,41 @@ class Learner(nn.Sequential):
         self.config = [(name, list(args)) for name, args in config]
 
 
+def reference_init_(network: nn.Module) -> nn.Module:
+    """The MAML-Pytorch reference code's initialisation, in place: Kaiming-normal weights (fan-in,
+    ReLU gain) for convolutions, transposed convolutions and linear layers, zero biases, BatchNorm
+    weight 1 and bias 0 (its conv4 first layer then has weights of std sqrt(2/9) = 0.47)."""
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, _BatchNorm) and module.affine:
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    return network
+
+
+def load_network_config(path) -> list:
+    """A config list from a JSON file (``[["conv2d", [64, 1, 3, 3, 2, 0]], ["relu", [true]], ...]``),
+    checked by building it once; errors name the file."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"network config {path} does not exist") from error
+    except (OSError, ValueError) as error:
+        raise ValueError(f"network config {path}: not a JSON file ({error})") from error
+    if not isinstance(config, list) or not config:
+        raise ValueError(f"network config {path}: expected a non-empty JSON list of [name, args] pairs")
+    try:
+        Learner(config)
+    except ValueError as error:
+        raise ValueError(f"network config {path}: {error}") from error
+    return [[name, list(args)] for name, args in config]
+
+
 def omniglot_config(n_way: int):
     """The Omniglot network of the MAML-Pytorch reference code (28x28x1 -> n_way)."""
     cfg = [("conv2d", [64, 1, 3, 3, 2, 0]), ("relu", [True]), ("bn", [64])]
@@ -108,4 +146,5 @@ def miniimagenet_config(n_way: int):
     return cfg + [("flatten", []), ("linear", [n_way, 32 * 5 * 5])]
 
 
-__all__ = ["Learner", "BatchNorm", "Reshape", "omniglot_config", "miniimagenet_config"]
+__all__ = ["Learner", "BatchNorm", "Reshape", "omniglot_config", "miniimagenet_config", "reference_init_",
+           "load_network_config"]

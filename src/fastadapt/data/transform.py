@@ -1,0 +1,165 @@
+"""How an image file becomes the tensor a network sees: one object, stored in every checkpoint.
+
+The loaders decode their files with ``ImageTransform.decode`` into the uint8 images they keep in
+memory, and the sampler turns those into network input with ``ImageTransform.to_tensor``;
+prediction on a user's files calls the same two methods, from the copy stored in the checkpoint.
+So a file gives the same tensor whether it came through a data set or through ``predict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_GREY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
+_RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
+               "box": Image.Resampling.BOX}
+ImageLike = Union[bytes, str, Path, Image.Image]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    """File -> network input, declared.
+
+    - ``image_size``, ``channels`` (1 grey, 3 RGB): the stored images are ``[channels, size, size]``;
+      an image of another size is resized with ``resample`` (a Pillow filter name).
+    - ``invert``: store ``255 - pixel`` (Omniglot's files are black strokes on white; its networks
+      see bright strokes on a zero background).
+    - ``scale``: network input is ``uint8 / scale`` (255: values in [0, 1]); then, if given,
+      ``(x - mean) / std`` per channel.
+    - ``background``: ``"dark"`` or ``"light"``, the polarity of the training images as the
+      network saw them (after inversion), or None where it means nothing (photographs). Prediction
+      warns when a support set's polarity disagrees.
+    """
+
+    image_size: int
+    channels: int = 1
+    resample: str = "lanczos"
+    invert: bool = False
+    scale: float = 255.0
+    mean: Optional[Tuple[float, ...]] = None
+    std: Optional[Tuple[float, ...]] = None
+    background: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"ImageTransform: image_size must be a positive integer, got {self.image_size!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"ImageTransform: channels must be 1 or 3, got {self.channels!r}")
+        if self.resample not in _RESAMPLING:
+            raise ValueError(f"ImageTransform: resample must be one of {sorted(_RESAMPLING)}, got {self.resample!r}")
+        if self.background not in (None, "dark", "light"):
+            raise ValueError(f"ImageTransform: background must be 'dark', 'light' or None, got {self.background!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("ImageTransform: give both mean and std, or neither")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != self.channels:
+                    raise ValueError(f"ImageTransform: {name} needs {self.channels} value(s), got {value}")
+                object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ serialising
+    def to_dict(self) -> dict:
+        """Plain values only, so a checkpoint holding it loads with ``weights_only=True``."""
+        out = dataclasses.asdict(self)
+        for name in ("mean", "std"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ImageTransform":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"ImageTransform: unknown field(s) {sorted(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "ImageTransform":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ file -> stored uint8
+    def decode(self, image: ImageLike, source: Optional[str] = None, strict_channels: bool = False) -> np.ndarray:
+        """One image (bytes, a path or a PIL image) as uint8 ``[channels, size, size]``.
+
+        Errors name ``source`` (or the path). With ``strict_channels`` an image whose own channel
+        count (grey 1, colour 3) differs from ``channels`` is an error rather than converted.
+        """
+        if isinstance(image, (str, Path)):
+            source = source or str(image)
+            try:
+                image = Path(image).read_bytes()
+            except OSError as error:
+                raise ValueError(f"{source}: cannot read ({error.strerror or error})") from error
+        source = source or "image"
+        try:
+            if isinstance(image, Image.Image):
+                return self._decode_pil(image, source, strict_channels)
+            with Image.open(io.BytesIO(image)) as opened:
+                return self._decode_pil(opened, source, strict_channels)
+        except UnidentifiedImageError as error:
+            raise ValueError(f"{source}: cannot decode image (not a format Pillow reads, or a damaged file)") from error
+        except (OSError, Image.DecompressionBombError) as error:
+            raise ValueError(f"{source}: cannot decode image ({error})") from error
+
+    def _decode_pil(self, img: Image.Image, source: str, strict_channels: bool) -> np.ndarray:
+        native = 1 if img.mode in _GREY_MODES else 3
+        if strict_channels and native != self.channels:
+            raise ValueError(f"{source}: image has {native} channel(s) ({img.mode}), expected {self.channels}")
+        img = img.convert("L" if self.channels == 1 else "RGB")
+        if img.size != (self.image_size, self.image_size):
+            img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
+        array = np.asarray(img, dtype=np.uint8)
+        array = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
+        return 255 - array if self.invert else np.ascontiguousarray(array)
+
+    # ------------------------------------------------------------------ stored uint8 -> network input
+    def to_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """Float network input from stored uint8 images ``[..., C, H, W]``."""
+        x = images.float().div_(self.scale)
+        if self.mean is not None:
+            shape = (-1, 1, 1)
+            x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+        return x
+
+    def load(self, images: Sequence[ImageLike], sources: Optional[Sequence[str]] = None,
+             strict_channels: bool = True) -> torch.Tensor:
+        """Files or PIL images -> network input ``[N, C, H, W]``, as the data set's sampler makes it."""
+        images = list(images)
+        sources = list(sources) if sources is not None else [None] * len(images)
+        decoded = [self.decode(image, source, strict_channels) for image, source in zip(images, sources)]
+        if not decoded:
+            return torch.zeros(0, self.channels, self.image_size, self.image_size)
+        return self.to_tensor(torch.from_numpy(np.stack(decoded)))
+
+
+def polarity(images: torch.Tensor, sample: int = 512) -> Optional[str]:
+    """``"light"`` when most grey images are mostly bright (their median pixel is above mid-grey),
+    else ``"dark"``; None for colour images or an empty set. Looks at up to ``sample`` images,
+    evenly spread."""
+    if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
+        return None
+    index = torch.linspace(0, images.shape[0] - 1, min(sample, images.shape[0])).long()
+    picked = images[index].flatten(1).float()
+    middle = 127.5 if images.dtype == torch.uint8 else 0.5
+    light = (picked.median(dim=1).values > middle).float().mean().item()
+    return "light" if light > 0.5 else "dark"
+
+
+def image_files(folder: Path) -> Tuple[list, list]:
+    """The files under ``folder`` (recursively, sorted, hidden ones left out), split into those
+    whose suffix names an image format and the others."""
+    files = sorted(p for p in Path(folder).rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]

@@ -1,0 +1,232 @@
+"""Use a meta-trained model: adapt it to a few labelled images of new classes, then classify more.
+
+``Predictor.load`` reads a checkpoint's weights, its configuration and the ``ImageTransform``
+its training data was read with, so a user's files become exactly the tensors the network was
+trained on (Omniglot's black-on-white PNGs are inverted, as its loader inverts them). ``adapt``
+takes the support set once; ``predict`` can then be called any number of times.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import experiment
+from .algorithms import ProtoNet
+from .checkpoint import find_checkpoint, load_checkpoint
+from .data.transform import ImageTransform, image_files, polarity
+
+SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
+
+
+@dataclass
+class Prediction:
+    """Predictions for ``N`` images: ``labels`` ``[N]`` index ``class_names``; ``probabilities``
+    ``[N, classes]`` (softmax of the model's output); ``sources`` names the images."""
+
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    class_names: List[str]
+    sources: List[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def names(self) -> List[str]:
+        """The predicted class name of each image."""
+        return [self.class_names[i] for i in self.labels.tolist()]
+
+    def top_k(self, k: int) -> List[List[tuple]]:
+        """The ``k`` most probable ``(class name, probability)`` pairs of each image."""
+        values, indices = self.probabilities.topk(min(k, self.probabilities.shape[1]), dim=1)
+        return [[(self.class_names[i], float(p)) for i, p in zip(row_i, row_p)]
+                for row_i, row_p in zip(indices.tolist(), values.tolist())]
+
+
+def _output_size(learner) -> Optional[int]:
+    """The number of classes a learner's network tells apart: its last linear layer's outputs (None
+    for ProtoNet, whose prototypes take any number)."""
+    if isinstance(learner, ProtoNet):
+        return None
+    linear = [m for m in learner.model.modules() if isinstance(m, torch.nn.Linear)]
+    return linear[-1].out_features if linear else None
+
+
+class Predictor:
+    """A meta-trained learner with its preprocessing, adapted to one support set at a time.
+
+    BatchNorm: by default (``bn_statistics="batch"``, the MAML paper's transductive setting)
+    each ``predict`` call normalises its images together, so give it all the queries of a task
+    at once, as evaluation does; one image alone is then normalised with its own statistics. A
+    run trained with per-step BatchNorm (``--algo mamlpp`` or ``--per-step-bn``) can be loaded
+    with ``bn_statistics="running"``, which classifies every image on its own.
+    """
+
+    def __init__(self, learner, transform: ImageTransform, n_way: Optional[int], inner_steps: int,
+                 device="cpu"):
+        self.learner, self.transform, self.n_way = learner, transform, n_way
+        self.inner_steps, self.device = inner_steps, torch.device(device)
+        self.dtype = next(learner.parameters()).dtype
+        self.class_names: Optional[List[str]] = None
+        self._fast = None
+
+    @classmethod
+    def load(cls, checkpoint, device=None, inner_steps: Optional[int] = None,
+             bn_statistics: Optional[str] = None, invert: Optional[bool] = None, learner=None) -> "Predictor":
+        """A predictor from a checkpoint file or a run folder (its ``best.pt`` when present).
+
+        ``device`` defaults to CUDA when available; ``inner_steps`` to the run's test-time steps;
+        ``invert`` overrides the stored polarity (True: files are inverted, ``255 - pixel``).
+        A run of the command line rebuilds its learner from the stored configuration; for a model
+        built in Python (``Trainer`` with your own learner) pass that ``learner`` to load into.
+        """
+        path = find_checkpoint(checkpoint)
+        state = load_checkpoint(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        stored = dict(state["config"])
+        if learner is None:
+            config = dict(stored, device=str(device))
+            if bn_statistics is not None:
+                config["bn_statistics"] = bn_statistics
+            config = experiment.resolve(config)
+            if config["dataset"] == "sinusoid":
+                raise ValueError(f"{path}: a sinusoid regressor; Predictor classifies images")
+            learner = experiment.build_learner(config)
+            n_way = config["n_way"]
+        else:
+            if bn_statistics is not None:
+                learner.bn_statistics = bn_statistics
+            n_way = _output_size(learner)
+            config = stored
+        if state.get("transform"):
+            transform = ImageTransform.from_dict(state["transform"])
+        elif "dataset" in config:
+            transform = experiment.default_transform(experiment.resolve(config))
+            warnings.warn(f"{path} stores no preprocessing (an older checkpoint); reading images as "
+                          f"{config['dataset']} files: {transform.channels} channel(s), {transform.image_size}px, "
+                          f"invert={transform.invert}", stacklevel=2)
+        else:
+            raise ValueError(f"{path} stores no preprocessing and no data set to take it from")
+        if invert is not None:
+            transform = transform.replace(invert=bool(invert))
+        try:
+            learner.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{path}: its weights do not fit this model ({str(error).splitlines()[-1].strip()})") \
+                from error
+        learner.to(device)
+        steps = stored.get("inner_steps_test", learner.inner_steps) if inner_steps is None else inner_steps
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
+        return cls(learner, transform, n_way, steps, device)
+
+    # ------------------------------------------------------------------ reading images
+    def _read(self, images: Sequence, sources: Sequence[str]) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]`` from files, bytes or PIL images, through the stored transform."""
+        if not images:
+            return torch.zeros(0, self.transform.channels, self.transform.image_size, self.transform.image_size,
+                               dtype=torch.uint8)
+        return torch.from_numpy(np.stack([self.transform.decode(image, source, strict_channels=True)
+                                          for image, source in zip(images, sources)]))
+
+    @staticmethod
+    def _image_files(folder: Path, what: str) -> List[Path]:
+        files, others = image_files(folder)
+        for other in others:
+            warnings.warn(f"skipping {other}: not an image file", stacklevel=3)
+        if not files:
+            raise ValueError(f"{what} {folder} holds no image files")
+        return files
+
+    def _support_from(self, support, labels, class_names):
+        """(network input, labels, class names) of a support set in any of its accepted forms."""
+        if isinstance(support, torch.Tensor):
+            if labels is None:
+                raise ValueError("adapt: support given as a tensor needs labels=")
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.shape != support.shape[:1]:
+                raise ValueError(f"adapt: labels {tuple(labels.shape)} must be [{support.shape[0]}], one per image")
+            names = list(class_names) if class_names is not None else [str(i) for i in range(int(labels.max()) + 1)]
+            return support.float(), labels, names
+        if isinstance(support, (str, Path)):
+            root = Path(support)
+            if not root.is_dir():
+                raise FileNotFoundError(f"support folder {root} does not exist")
+            classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not classes:
+                raise ValueError(f"support folder {root} has no class folders (expected {root}/<class>/<image>)")
+            support = {name: self._image_files(root / name, "class folder") for name in classes}
+        if not isinstance(support, Mapping):
+            raise TypeError("adapt: support must be a folder, a {class name: [images]} mapping, or a tensor")
+        names, images, sources, targets = [], [], [], []
+        for label, (name, members) in enumerate(support.items()):
+            members = list(members)
+            if not members:
+                raise ValueError(f"adapt: class {name!r} has no support image")
+            names.append(str(name))
+            images += members
+            sources += [str(m) if isinstance(m, (str, Path)) else f"{name}[{i}]" for i, m in enumerate(members)]
+            targets += [label] * len(members)
+        stored = self._read(images, sources)
+        self._check_polarity(stored)
+        return self.transform.to_tensor(stored), torch.tensor(targets), names
+
+    def _check_polarity(self, stored: torch.Tensor) -> None:
+        expected, found = self.transform.background, polarity(stored)
+        if expected and found and expected != found:
+            flag = "--no-invert" if self.transform.invert else "--invert"
+            warnings.warn(f"the support images have a {found} background after preprocessing, but the model was "
+                          f"trained on images with a {expected} one; if they are drawn the other way round, pass "
+                          f"{flag} (Python: invert={not self.transform.invert})", stacklevel=3)
+
+    # ------------------------------------------------------------------ adapting and predicting
+    def adapt(self, support: SupportSet, labels=None, class_names: Optional[Sequence[str]] = None) -> "Predictor":
+        """Adapt to a support set: a folder of class folders (sorted by name), a mapping
+        ``{class name: [paths, bytes or PIL images]}`` (in its order), or a tensor of network
+        input ``[S, C, H, W]`` with ``labels``. Classes may have different numbers of images."""
+        x, y, names = self._support_from(support, labels, class_names)
+        counts = torch.bincount(y, minlength=len(names))
+        if (counts == 0).any():
+            raise ValueError(f"adapt: class {names[int((counts == 0).nonzero()[0])]!r} has no support image")
+        if isinstance(self.learner, ProtoNet):
+            self.learner.n_way = len(names)  # prototypes: any number of classes
+        elif self.n_way is not None and len(names) != self.n_way:
+            raise ValueError(f"the support set has {len(names)} classes, but the model is {self.n_way}-way "
+                             f"(its output layer has {self.n_way} units)")
+        with torch.no_grad():
+            self._fast = self.learner.adapt(x.to(self.device, self.dtype), y.to(self.device), steps=self.inner_steps)
+        self.class_names = names
+        return self
+
+    def predict(self, images) -> Prediction:
+        """Classify ``images``: a folder, a list of paths / bytes / PIL images, or a tensor of
+        network input ``[N, C, H, W]``. All images of one call are normalised together under
+        batch statistics (see the class docstring)."""
+        if self._fast is None:
+            raise RuntimeError("predict: call adapt(support) first")
+        if isinstance(images, torch.Tensor):
+            x, sources = images.float(), [f"image {i}" for i in range(images.shape[0])]
+        else:
+            if isinstance(images, (str, Path)):
+                folder = Path(images)
+                if folder.is_file():
+                    images = [folder]
+                elif folder.is_dir():
+                    images = self._image_files(folder, "query folder")
+                else:
+                    raise FileNotFoundError(f"query {folder} does not exist")
+            images = list(images)
+            sources = [str(m) if isinstance(m, (str, Path)) else f"image {i}" for i, m in enumerate(images)]
+            x = self.transform.to_tensor(self._read(images, sources))
+        if x.shape[0] == 0:
+            raise ValueError("predict: no images given")
+        with torch.no_grad():
+            logits = self.learner.predict(self._fast, x.to(self.device, self.dtype))
+        labels = logits.argmax(-1).cpu()  # of the logits, as evaluation scores them
+        return Prediction(labels, logits.float().softmax(-1).cpu(), list(self.class_names), sources)

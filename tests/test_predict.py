@@ -1,0 +1,301 @@
+"""Prediction on a user's files: the preprocessing travels in the checkpoint, so ``predict`` on
+Omniglot's own PNGs gives exactly the labels evaluation gives on the same episodes."""
+
+import csv
+import io
+import json
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import shared_data
+from fastadapt import Predictor, experiment
+from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastadapt.cli import main
+from fastadapt.data import EpisodeSampler, Glyphs, ImageTransform
+from fastadapt.evaluate import evaluate
+
+UNSEEN = "Japanese_(katakana),Sanskrit,Tagalog"
+
+
+def omniglot_run(tmp_path, algo, test_steps):
+    """A brief 5-way 1-shot run on images_background_small1, tested on unseen small2 alphabets."""
+    root = shared_data("omniglot/images_background_small1.zip").parent
+    shared_data("omniglot/images_background_small2.zip")
+    run = tmp_path / algo
+    args = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+            "--val-split", "background_small2", "--val-alphabets", UNSEEN, "--algo", algo, "--hidden", "16",
+            "--n-way", "5", "--k-shot", "1", "--k-query", "5", "--task-batch", "4", "--inner-steps", "1",
+            "--inner-steps-test", str(test_steps), "--steps", "30", "--eval-every", "10", "--val-episodes", "4",
+            "--test-episodes", "3", "--quiet", "--out", str(run)]
+    assert main(args) == 0
+    return run, root
+
+
+def extract_episode_files(root, config, dest):
+    """The files of the run's fixed test episodes, copied byte for byte out of the zip as a user
+    would unzip them: dest/task<t>/support/<label>-<character>/<file>.png and dest/task<t>/query/.
+    Returns the loader's episodes and, per task, {query file name: its true label}."""
+    test_set = experiment.build_sets(config)[2]
+    count = config["test_episodes"]
+    sampler = EpisodeSampler(test_set, config["n_way"], config["k_shot"], config["k_query"], count,
+                             seed=config["seed"] + 2)
+    episodes = experiment.fixed_tasks(config, test_set, count, 2)
+    assert len(episodes) == 1
+    torch.testing.assert_close(sampler.fixed(1)[0].query_x, episodes[0].query_x, rtol=0, atol=0)
+    picks, labels = sampler.fixed_indices(0)
+    archive = zipfile.ZipFile(root / "images_background_small2.zip")
+    truth = []
+    for task in range(count):
+        answers = {}
+        for slot in range(config["n_way"]):
+            label = int(labels[task, slot])
+            for position, index in enumerate(picks[task, slot]):
+                member = test_set.sources[index].split(".zip:", 1)[1]
+                character = member.split("/")[-2]
+                if position < config["k_shot"]:
+                    target = dest / f"task{task}" / "support" / f"{label}-{character}" / member.split("/")[-1]
+                else:
+                    target = dest / f"task{task}" / "query" / member.split("/")[-1]
+                    answers[target.name] = label
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+        truth.append(answers)
+    return episodes[0], truth
+
+
+# MAML++ is tested with the one step it was trained for: this briefly trained, its per-step running
+# statistics do not yet carry a further step (issue 14), and the check needs non-constant output.
+@pytest.mark.parametrize("algo, bn_statistics, test_steps", [("maml", "batch", 3), ("mamlpp", "running", 1),
+                                                             ("protonet", "batch", 0)])
+def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, bn_statistics, test_steps,
+                                                                          tmp_path, capsys):
+    run, root = omniglot_run(tmp_path, algo, test_steps)
+    capsys.readouterr()
+    state = load_checkpoint(find_checkpoint(run))
+    assert find_checkpoint(run).name == "best.pt"
+    assert state["transform"]["invert"] is True and state["transform"]["background"] == "dark"
+    config = experiment.resolve(dict(state["config"], bn_statistics=bn_statistics))
+    learner = experiment.build_learner(config)
+    learner.load_state_dict(state["model"])
+    batch, truth = extract_episode_files(root, config, tmp_path / "files")
+
+    steps = config["inner_steps_test"]
+    evaluated = learner.fine_tune(batch, steps=steps).task_accuracy[:, -1]
+    reported = evaluate(learner, [batch], steps)
+    predictor = Predictor.load(run, device="cpu", bn_statistics=bn_statistics)
+    accuracies = []
+    for task, answers in enumerate(truth):
+        folder = tmp_path / "files" / f"task{task}"
+        prediction = predictor.adapt(folder / "support").predict(folder / "query")
+        labels = {p.rsplit("/", 1)[1]: int(name.split("-")[0]) for p, name in zip(prediction.sources, prediction.names)}
+        # the same task through the loader's tensors, one query at a time in the loader's order
+        with torch.no_grad():
+            fast = learner.adapt(batch.support_x[task], batch.support_y[task], steps=steps)
+            loader_labels = learner.predict(fast, batch.query_x[task]).argmax(-1)
+        assert [labels[name] for name in answers] == loader_labels.tolist()  # answers: the loader's order
+        correct = sum(labels[name] == label for name, label in answers.items())
+        accuracies.append(correct / len(answers))
+        assert abs(accuracies[-1] - float(evaluated[task])) < 1e-6
+
+        args = ["predict", str(run), "--support", str(folder / "support"), "--query", str(folder / "query")]
+        if bn_statistics == "running":
+            args += ["--bn-statistics", "running"]
+        assert main(args) == 0
+        rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+        assert [row["label"] for row in rows] == prediction.names
+    assert abs(float(reported.accuracy[-1]) - float(np.mean(accuracies))) < 1e-6
+
+    # Read the PNGs without inverting them (what predict did before the transform was stored):
+    # the polarity warning fires and the outputs are no longer evaluation's.
+    folder = tmp_path / "files" / "task0"
+    with pytest.warns(UserWarning, match="light background.*pass --invert"):
+        wrong = Predictor.load(run, device="cpu", bn_statistics=bn_statistics, invert=False).adapt(folder / "support")
+    right = predictor.adapt(folder / "support").predict(folder / "query")
+    assert len(set(right.names)) > 1  # a model that tells images apart
+    assert wrong.predict(folder / "query").names != right.names
+
+
+# ---------------------------------------------------------------- the rest, on tiny Glyphs runs
+TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
+             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "4",
+             "--eval-every", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet"]
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def glyph_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("glyphs") / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
+    return run
+
+
+def glyph_files(folder, shots=(1, 1, 1), queries=2, inverted=True):
+    """Glyphs test characters as PNG files: dark strokes on white (as Omniglot's files) unless
+    ``inverted=False``. ``shots``: support images per class."""
+    glyphs = Glyphs(num_classes=len(shots), examples_per_class=max(shots) + queries, split="test")
+    per_class = max(shots) + queries
+    for c, k in enumerate(shots):
+        for e in range(per_class):
+            image = glyphs.images[c * per_class + e, 0].numpy()
+            image = 255 - image if inverted else image
+            if e < k:
+                write_png(folder / "support" / f"c{c}" / f"{e}.png", image)
+            elif e >= max(shots):
+                write_png(folder / "query" / f"c{c}_{e}.png", image)
+    return folder / "support", folder / "query"
+
+
+def test_predictor_reads_files_as_the_sampler_reads_the_data_set(glyph_run, tmp_path):
+    predictor = Predictor.load(glyph_run, device="cpu")
+    assert predictor.transform == Glyphs.default_transform(28)
+    support, query = glyph_files(tmp_path)
+    glyphs = Glyphs(num_classes=3, examples_per_class=3, split="test")
+    files = sorted(support.rglob("*.png"))
+    # the files are the data set's images inverted; read back they are the data set's tensors
+    torch.testing.assert_close(predictor.transform.load(files), glyphs.to_tensor(glyphs.images[[0, 3, 6]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prediction = predictor.adapt(support).predict(query)
+    assert prediction.class_names == ["c0", "c1", "c2"] and len(prediction) == 6
+    assert prediction.probabilities.shape == (6, 3)
+    torch.testing.assert_close(prediction.probabilities.sum(1), torch.ones(6))
+    # tensors of network input give the same answer
+    x = predictor.transform.load(files)
+    again = predictor.adapt(x, labels=torch.arange(3), class_names=["c0", "c1", "c2"])
+    assert again.predict(predictor.transform.load(sorted(query.glob("*.png")))).names == prediction.names
+
+
+def test_polarity_warning_and_invert_override(glyph_run, tmp_path, capsys):
+    light_support, light_query = glyph_files(tmp_path / "light")
+    dark_support, dark_query = glyph_files(tmp_path / "dark", inverted=False)
+    assert main(["predict", str(glyph_run), "--support", str(light_support), "--query", str(light_query)]) == 0
+    reference = capsys.readouterr()
+    assert "warning" not in reference.err
+    assert main(["predict", str(glyph_run), "--support", str(dark_support), "--query", str(dark_query)]) == 0
+    err = capsys.readouterr().err
+    assert "fastadapt predict: warning:" in err and "light background" in err and "--no-invert" in err
+    assert main(["predict", str(glyph_run), "--support", str(dark_support), "--query", str(dark_query),
+                 "--no-invert"]) == 0
+    overridden = capsys.readouterr()
+    assert "warning" not in overridden.err
+    labels = [row["label"] for row in csv.DictReader(io.StringIO(overridden.out))]
+    assert labels == [row["label"] for row in csv.DictReader(io.StringIO(reference.out))]
+
+
+def test_more_shots_and_uneven_shots(glyph_run, tmp_path):
+    predictor = Predictor.load(glyph_run, device="cpu")
+    support, query = glyph_files(tmp_path, shots=(1, 3, 2))
+    prediction = predictor.adapt(support).predict(query)
+    assert len(prediction) == 6
+    # the same support set as a mapping of PIL images, and as tensors, adapts identically
+    mapping = {c.name: [Image.open(p) for p in sorted(c.glob("*.png"))] for c in sorted(support.iterdir())}
+    assert predictor.adapt(mapping).predict(query).names == prediction.names
+    files = sorted(support.rglob("*.png"))
+    labels = torch.tensor([int(p.parent.name[1]) for p in files])
+    x = predictor.transform.load(files)
+    with torch.no_grad():
+        fast = predictor.learner.adapt(x, labels, steps=predictor.inner_steps)
+        direct = predictor.learner.predict(fast, predictor.transform.load(sorted(query.glob("*.png")))).argmax(-1)
+    assert prediction.labels.tolist() == direct.tolist()
+
+
+def test_class_count_must_match_the_head_but_protonet_takes_any(tmp_path):
+    run = tmp_path / "maml"
+    assert main(["train", *TINY_ARGS, "--epoch", "1", "--out", str(run)]) == 0
+    support, query = glyph_files(tmp_path / "two", shots=(1, 2))
+    with pytest.raises(ValueError, match="2 classes, but the model is 3-way"):
+        Predictor.load(run, device="cpu").adapt(support)
+    proto = tmp_path / "protonet"
+    assert main(["train", *TINY_ARGS, "--epoch", "1", "--algo", "protonet", "--out", str(proto)]) == 0
+    prediction = Predictor.load(proto, device="cpu").adapt(support).predict(query)
+    assert prediction.probabilities.shape == (4, 2) and set(prediction.names) <= {"c0", "c1"}
+    with pytest.raises(RuntimeError, match="adapt"):
+        Predictor.load(proto, device="cpu").predict(query)
+
+
+def test_csv_and_json_output_with_top_k(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path)
+    base = ["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--inner-steps-test", "1"]
+    assert main(base) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["path", "label", "probability"] and len(rows) == 7
+    assert main(base + ["--top-k", "2"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["path", "label", "probability", "label_2", "probability_2"]
+    assert all(float(r[2]) >= float(r[4]) and r[1] != r[3] for r in rows[1:])
+    assert main(base + ["--format", "json", "--top-k", "3", "--steps", "1"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 6 and [r["label"] for r in records] == [r[1] for r in rows[1:]]
+    assert all(abs(sum(t["probability"] for t in r["top_k"]) - 1) < 1e-5 for r in records)
+    assert main(base + ["--top-k", "0"]) == 2
+    assert "--top-k must be a positive integer" in capsys.readouterr().err
+
+
+def test_non_image_files_are_skipped_and_unreadable_images_are_errors(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path)
+    (support / "c1" / "notes.txt").write_text("drawn by hand")
+    (query / "Thumbs.db").write_bytes(b"\0\1")
+    (query / ".hidden.png").write_bytes(b"ignored")
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query)]) == 0
+    captured = capsys.readouterr()
+    assert "notes.txt: not an image file" in captured.err and "Thumbs.db: not an image file" in captured.err
+    assert len(captured.out.strip().splitlines()) == 7
+    (query / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("fastadapt predict: warning: skipping") for line in err[:-1])
+    assert err[-1].startswith("fastadapt predict: error:") and "broken.png: cannot decode image" in err[-1]
+
+
+def test_old_checkpoint_without_preprocessing_loads_with_the_data_set_default(glyph_run, tmp_path):
+    state = load_checkpoint(find_checkpoint(glyph_run))
+    del state["transform"], state["class_names"]
+    old = save_checkpoint(state, tmp_path / "old.pt")
+    support, query = glyph_files(tmp_path)
+    with pytest.warns(UserWarning, match="stores no preprocessing.*invert=True"):
+        predictor = Predictor.load(old, device="cpu")
+    assert predictor.transform == Glyphs.default_transform(28)
+    assert predictor.adapt(support).predict(query).names == \
+        Predictor.load(glyph_run, device="cpu").adapt(support).predict(query).names
+
+
+def test_checkpoints_store_transform_and_class_names_and_test_json_scores_best(glyph_run):
+    best = load_checkpoint(glyph_run / "best.pt")
+    assert ImageTransform.from_dict(best["transform"]) == Glyphs.default_transform(28)
+    assert best["class_names"] == Glyphs(num_classes=12, examples_per_class=1).class_names
+    report = json.loads((glyph_run / "test.json").read_text())
+    assert report["checkpoint"] == "best.pt" and report["step"] == best["step"] == best["best_step"]
+    config = experiment.resolve(best["config"])
+    learner = experiment.build_learner(config)
+    learner.load_state_dict(best["model"])
+    result = evaluate(learner, experiment.build_data(config, splits=("test",))["test"], config["inner_steps_test"])
+    assert report["accuracy"] == pytest.approx(result.accuracy.tolist(), abs=1e-9)
+    last = load_checkpoint(glyph_run / "last.pt")
+    assert ("final" in report) == (last["step"] != best["step"])
+
+
+def test_image_transform_round_trip_and_errors(tmp_path):
+    transform = ImageTransform(28, 3, resample="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert ImageTransform.from_dict(json.loads(json.dumps(transform.to_dict()))) == transform
+    x = transform.to_tensor(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    torch.testing.assert_close(x, torch.full((1, 3, 2, 2), 2.0))
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        ImageTransform(28, 2)
+    with pytest.raises(ValueError, match="mean needs 3 value"):
+        ImageTransform(28, 3, mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match="unknown field"):
+        ImageTransform.from_dict({"image_size": 28, "colour": True})
+    dot = tmp_path / "dot.png"
+    Image.new("L", (1, 1)).save(dot)
+    with pytest.raises(ValueError, match="nowhere.png: cannot read"):
+        transform.decode(tmp_path / "nowhere.png")
+    assert ImageTransform(28, invert=True).decode(dot).tolist() == [[[255] * 28] * 28]
