@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -38,16 +41,79 @@ def find_checkpoint(path, prefer: str = "best.pt") -> Path:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, onto
+    ``map_location`` (the CPU by default, so a run trained on a GPU loads anywhere)."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    expected = "expected a fastadapt checkpoint (a torch.save'd dict with 'model' and 'config')"
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); {expected}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"{path}: not a loadable fastadapt checkpoint ({error})") from error
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(f"{path}: refused: it holds Python objects{what} that loading would have to run, while a "
+                         f"fastadapt checkpoint holds only tensors and plain values; {expected}") from error
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes; truncated, or not "
+                         f"one: {type(error).__name__}); {expected}") from error
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise ValueError(f"{path}: not a fastadapt checkpoint (no model/config entries)")
+        kind = f"a dict with keys {sorted(payload)[:6]}" if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: holds {kind}; {expected}")
+    if not isinstance(payload["config"], dict):
+        raise ValueError(f"{path}: its 'config' is a {type(payload['config']).__name__}, not a dict; {expected}")
     return payload
+
+
+class RunLock:
+    """A run folder is written by one run at a time: ``.lock`` in it holds the owner's process id.
+
+    A lock whose process no longer exists (a run killed with SIGKILL) is taken over."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self) -> "RunLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner and owner != os.getpid() and self._alive(owner):
+                    raise RuntimeError(f"run folder {self.folder} is in use by process {owner} (see {self.path}); "
+                                       "wait for it to finish, or pass another --out")
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(handle, "w") as out:
+                out.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import warnings
 import sys
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, experiment, models
-from .checkpoint import find_checkpoint, load_checkpoint
+from .checkpoint import RunLock, find_checkpoint, load_checkpoint
 from .evaluate import evaluate
 
 PRESET_HELP = ("MAML paper settings (Finn, Abbeel and Levine, ICML 2017, sec. 5 and app. A.1): "
@@ -48,9 +50,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="MAML++: per-step BatchNorm weights and running statistics")
     add("--bn-statistics", choices=["batch", "running"],
         help="BatchNorm: each batch's own statistics (default) or per-step running ones (needs --per-step-bn)")
-    add("--steps", "--epoch", dest="steps", type=int, help="meta-iterations")
-    add("--eval-every", type=int)
-    add("--log-every", type=int)
+    add("--steps", "--epoch", dest="steps", type=int, help="meta-iterations (with --resume: extend the run to N)")
+    add("--eval-every", type=int, help="validate (and save last.pt, best.pt) every N meta-iterations")
+    add("--log-every", type=int, help="write per-step accuracy to metrics.jsonl every N meta-iterations")
+    add("--checkpoint-every", type=float, metavar="SECONDS",
+        help="also save last.pt every SECONDS of training (0: after every meta-iteration)")
+    add("--time-limit", type=float, metavar="SECONDS",
+        help="stop cleanly after SECONDS of training in this session, saving last.pt (resume to go on)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     add("--val-episodes", type=int, help="validation tasks")
     add("--test-episodes", type=int, help="test tasks evaluated at the end")
     add("--seed", type=int)
@@ -84,18 +91,50 @@ def _config_from(args) -> dict:
     return experiment.resolve({**preset, **explicit})
 
 
-def cmd_train(args) -> int:
-    from .train import Trainer
+# What --resume may change; everything else about a run is fixed when it starts.
+RESUME_OVERRIDES = ("steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit")
 
+
+def _resume_config(args):
+    """The stored configuration with the overrides --resume allows; the others are refused."""
+    state = load_checkpoint(args.resume)
+    explicit = {k: v for k, v in vars(args).items() if k in experiment.DEFAULTS and v is not None}
+    refused = [f"--{k.replace('_', '-')}" for k in sorted(set(explicit) - set(RESUME_OVERRIDES))]
+    refused += ["--preset"] if args.preset else []
+    if refused:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_OVERRIDES)
+        raise ValueError(f"--resume continues a run as it was configured, so {', '.join(refused)} cannot be given "
+                         f"(with --resume you may give {allowed})")
+    if "steps" in explicit and explicit["steps"] < state["step"]:
+        raise ValueError(f"--steps {explicit['steps']}: the run is already at step {state['step']}")
+    config = experiment.resolve({**state["config"], **explicit})
+    return config, args.out or (Path(args.resume).parent if Path(args.resume).is_file() else args.resume)
+
+
+def _default_run_folder(config) -> str:
+    """runs/<data>-<task>-<time>-<pid>: two runs started in the same second differ by process."""
+    task = f"k{config['k_shot']}" if config["dataset"] == "sinusoid" else f"{config['n_way']}w{config['k_shot']}s"
+    return f"runs/{config['dataset']}-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def cmd_train(args) -> int:
     if args.resume:
-        state = load_checkpoint(args.resume)
-        config = state["config"]
-        out = Path(args.out or (Path(args.resume).parent if Path(args.resume).is_file() else args.resume))
+        config, out = _resume_config(args)
     else:
         config = _config_from(args)
-        out = Path(args.out or f"runs/{config['dataset']}-{config['n_way']}w{config['k_shot']}s-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = args.out or _default_run_folder(config)
+    out = Path(out)
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     ctx = distributed.init(config["device"])
     config = dict(config, device=distributed.device_for(config["device"]))
+    with RunLock(out) if ctx.is_main else contextlib.nullcontext():
+        return _train(args, config, out, ctx)
+
+
+def _train(args, config, out: Path, ctx) -> int:
+    from .train import Stopped, Trainer, TrainingDiverged, stop_on_signals
+
     torch.manual_seed(config["seed"])
     learner = experiment.build_learner(config)
     sources = experiment.build_data(config)
@@ -109,39 +148,74 @@ def cmd_train(args) -> int:
     trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx, writer=writer)
     if args.resume:
         trainer.resume(args.resume)
+        trainer.truncate_metrics()
+        if trainer.scheduler is not None:  # --steps may have extended the run: the cosine spans it all
+            trainer.scheduler.T_max = config["steps"]
     say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2))
     workers = f", {ctx.world_size} processes" if ctx.enabled else ""
-    say(f"run folder {out}  ({config['dataset']}, {config['algo']}, {config['n_way']}-way {config['k_shot']}-shot{workers})")
+    task = (f"regression, K={config['k_shot']}" if config["dataset"] == "sinusoid"
+            else f"{config['n_way']}-way {config['k_shot']}-shot")
+    say(f"run folder {out}  ({config['dataset']}, {config['algo']}, {task}{workers})")
     start = time.perf_counter()
-    try:
-        trainer.fit(progress=not args.quiet)
-    except KeyboardInterrupt:
-        say(f"stopped; continue with: fastadapt train --resume {out}", file=sys.stderr)
-        return 130
-    seconds = time.perf_counter() - start
-    final = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
-    report = {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}
-    result = final
-    if trainer.best_model is not None:
-        # the validation-selected weights are the run's result; the final ones may sit beside them
-        report.update(checkpoint="best.pt", step=trainer.best_step)
-        if trainer.best_step != trainer.step:
-            learner.load_state_dict(trainer.best_model)
-            result = evaluate(learner, sources["test"], config["inner_steps_test"], device=config["device"])
-            report = {"checkpoint": "best.pt", "step": trainer.best_step, **result.as_dict(),
-                      "final": {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}}
+    progress = not args.quiet and ctx.is_main
+    with stop_on_signals(trainer):
+        try:
+            trainer.fit(progress=not args.quiet)
+            seconds = time.perf_counter() - start
+            report, result, final = _final_test(trainer, sources["test"], config, progress)
+        except Stopped as stop:
+            say(f"stopped ({stop.reason}) at step {trainer.step}; continue with: fastadapt train --resume {out}",
+                file=sys.stderr)
+            distributed.shutdown()
+            return stop.exit_code
+        except KeyboardInterrupt:
+            say(f"interrupted at step {trainer.step}; continue with: fastadapt train --resume {out}", file=sys.stderr)
+            return 130
+        except TrainingDiverged as error:
+            print(f"fastadapt train: diverged: {error}", file=sys.stderr)
+            return 1
     if ctx.is_main:
         timing = {"train_seconds": seconds, "meta_iteration_seconds": trainer.step_seconds / max(1, trainer.steps_run)}
         (out / "test.json").write_text(json.dumps({**report, **timing}, indent=2))
-    say(f"trained {config['steps']} steps in {seconds:.0f} s; test of {report['checkpoint']} (step {report['step']}):")
+    resumed = f", {trainer.steps_run} in this session" if args.resume else ""
+    say(f"trained to step {trainer.step}{resumed} in {seconds:.0f} s; test of {report['checkpoint']} "
+        f"(step {report['step']}):")
     say(result.table())
     if "final" in report:
         say(f"final weights (last.pt, step {trainer.step}): {_final_summary(final)}")
     distributed.shutdown()
     return 0
+
+
+def _final_test(trainer, tasks, config, progress: bool):
+    """Score the validation-selected weights (best.pt) on the test tasks, and the final ones
+    beside them when they differ. A stop asked for meanwhile raises ``Stopped``: the test is
+    run again on resume."""
+    from .train import Stopped
+
+    learner = trainer.learner
+    should_stop = None if trainer.dist.enabled else (lambda: trainer.stop_request is not None)
+
+    def test(desc):
+        result = evaluate(learner, tasks, config["inner_steps_test"], device=config["device"], progress=progress,
+                          desc=desc, should_stop=should_stop)
+        if result is None:
+            raise Stopped(*trainer.stop_request)
+        return result
+
+    final = test("test (last.pt)")
+    report = {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}
+    result = final
+    if trainer.best_model is not None:
+        report.update(checkpoint="best.pt", step=trainer.best_step)
+        if trainer.best_step != trainer.step:
+            learner.load_state_dict(trainer.best_model)
+            result = test("test (best.pt)")
+            report = {"checkpoint": "best.pt", "step": trainer.best_step, **result.as_dict(),
+                      "final": {"checkpoint": "last.pt", "step": trainer.step, **final.as_dict()}}
+    return report, result, final
 
 
 def _final_summary(result) -> str:
@@ -163,17 +237,39 @@ def cmd_eval(args) -> int:
         config["test_alphabets"] = args.alphabets
     if args.episodes is not None:
         config["test_episodes"] = args.episodes
-    config["device"] = args.device or config["device"]
+    # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
+    config["device"] = args.device or experiment.usable_device(config.get("device", "cpu"))
     if args.bn_statistics is not None:
         config["bn_statistics"] = args.bn_statistics
+    if args.threads is not None:
+        config["threads"] = args.threads
     config = experiment.resolve(config)
-    learner = experiment.build_learner(config)
-    learner.load_state_dict(state["model"])
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
     steps = args.inner_steps_test if args.inner_steps_test is not None else config["inner_steps_test"]
+    if steps < 0:
+        raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
+    learner = _load_learner(config, state, path)
     tasks = experiment.build_data(config, splits=("test",))["test"]
     print(f"{path} (step {state.get('step', '?')}):")
-    print(evaluate(learner, tasks, steps, device=config["device"]).table())
+    print(evaluate(learner, tasks, steps, device=config["device"], progress=not args.quiet, desc="evaluate").table())
     return 0
+
+
+def _load_learner(config, state, path):
+    """The run's learner with the checkpoint's weights; errors say what the file is and what was expected."""
+    bad = [name for name, value in state["model"].items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"{path}: weights {bad[0]!r} (and {len(bad) - 1} more) are not finite; this checkpoint "
+                         "cannot be evaluated")
+    learner = experiment.build_learner(config)
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes "
+                         f"({str(error).splitlines()[-1].strip()})") from error
+    return learner
 
 
 def cmd_predict(args) -> int:
@@ -253,17 +349,41 @@ def cmd_plot(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its command-line errors in one line (and exit status 2)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each run option's default (from experiment.DEFAULTS) to its help; the parser's own
+    defaults are None so that presets and stored configurations are not overridden."""
+    for action in parser._actions:
+        if action.dest in experiment.DEFAULTS and action.help is not argparse.SUPPRESS:
+            default = experiment.DEFAULTS[action.dest]
+            shown = {None: "depends on --dataset" if action.dest in ("image_size", "channels", "hidden") else "off",
+                     False: "off", True: "on"}.get(default, default) if not isinstance(default, (int, float)) \
+                or isinstance(default, bool) else default
+            action.help = f"{action.help or ''} (default: {shown})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastadapt", description="Fast gradient-based meta-learning.")
+    parser = _Parser(prog="fastadapt", description="Fast gradient-based meta-learning.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="meta-train (default: MAML, 5-way 1-shot on synthetic Glyphs)",
                            description=PRESET_HELP)
     _add_run_options(train)
-    train.add_argument("--out", help="run folder (default runs/<dataset>-<ways>w<shots>s-<time>)")
-    train.add_argument("--resume", help="continue the run in this folder or checkpoint")
+    train.add_argument("--out", help="run folder (default runs/<dataset>-<ways>w<shots>s-<time>-<pid>)")
+    train.add_argument("--resume", help="continue the run in this folder or checkpoint (may change only --steps, "
+                                        "--device, --threads, --eval-every, --log-every, --checkpoint-every, "
+                                        "--time-limit)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
     train.set_defaults(run=cmd_train)
+    _show_defaults(train)
 
     ev = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")
     ev.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
@@ -273,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--root")
     ev.add_argument("--split", help="test split to evaluate on")
     ev.add_argument("--alphabets", help="comma-separated Omniglot alphabets")
-    ev.add_argument("--device")
+    ev.add_argument("--device", help="default: the run's device if this machine has it, else cpu")
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.add_argument("--bn-statistics", choices=["batch", "running"], help=BN_STATISTICS_HELP)
     ev.set_defaults(run=cmd_eval)
 
@@ -305,7 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv or ["train"])
+    debug = "--debug" in argv  # accepted anywhere on the line
+    try:
+        args = parser.parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as done:  # --help, or a malformed command line (already reported in one line)
+        return int(done.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 0
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"fastadapt {args.command}: warning: {message}", file=sys.stderr)
@@ -314,7 +443,9 @@ def main(argv=None) -> int:
         warnings.showwarning = show_warning
         try:
             return args.run(args)
-        except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+        except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, OSError) as error:
+            if debug:
+                raise
             print(f"fastadapt {args.command}: error: {error}", file=sys.stderr)
             return 2
 

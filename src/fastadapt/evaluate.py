@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
+from tqdm import tqdm
 
 from . import distributed
 
@@ -50,15 +51,22 @@ class EvalResult:
         return out
 
 
-def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None) -> EvalResult:
+def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None, progress: bool = False,
+             desc: str = "evaluate", should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
     """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
     ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss.
     The meta-parameters and buffers are left untouched. Under torch.distributed the batches are
-    split over the ranks and the per-task results gathered, each task counted once."""
+    split over the ranks and the per-task results gathered, each task counted once.
+
+    ``progress`` shows a tqdm bar over the batches; ``should_stop``, checked between batches,
+    ends the evaluation early, and then None is returned."""
     ctx = distributed.current()
     dtype = next(learner.parameters()).dtype
     local = []
-    for index, batch in distributed.shard(list(enumerate(episodes)), ctx):
+    mine = distributed.shard(list(enumerate(episodes)), ctx)
+    for index, batch in tqdm(mine, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if should_stop is not None and should_stop():
+            return None
         out = learner.fine_tune(batch.to(device, dtype), steps=inner_steps)
         accuracy = None if out.task_accuracy is None else out.task_accuracy.double().cpu()
         local.append((index, out.task_loss.double().cpu(), accuracy))

@@ -22,7 +22,8 @@ DEFAULTS = dict(
     train_split=None, val_split=None, test_split=None, train_alphabets=None, val_alphabets=None,
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
     dtype="float32", outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0,
-    per_step_bn=False, bn_statistics="batch", network=None,
+    per_step_bn=False, bn_statistics="batch", network=None, checkpoint_every=300.0, time_limit=None,
+    threads=None,
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -95,6 +96,7 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"--per-step-bn is a MAML++ option (maml, fomaml, mamlpp), not of --algo {c['algo']}")
     if c["algo"] == "protonet" and c["dataset"] == "sinusoid":
         raise ValueError("--algo protonet classifies; it cannot run the sinusoid regression tasks")
+    _check_ranges(c)
     mini = c["dataset"] == "miniimagenet"
     c["image_size"] = c["image_size"] or (84 if mini else 28)
     c["channels"] = c["channels"] or (3 if c["dataset"] in ("miniimagenet", "folder") else 1)
@@ -102,12 +104,78 @@ def resolve(config: dict) -> dict:
     c["hidden"] = c["hidden"] or (32 if c["pool"] == "max" else 64)
     if c["dataset"] in ("omniglot", "miniimagenet", "folder") and not c["root"]:
         raise ValueError(f"--dataset {c['dataset']} needs --root PATH")
-    for key in ("n_way", "k_shot", "k_query", "task_batch", "steps", "val_episodes", "test_episodes", "eval_batch"):
-        if not isinstance(c[key], int) or c[key] <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {c[key]!r}")
+    grey_only = {"glyphs": 1, "omniglot": 1, "miniimagenet": 3}
+    if c["dataset"] in grey_only and c["channels"] != grey_only[c["dataset"]]:
+        raise ValueError(f"--channels (--imgc) {c['channels']}: {c['dataset']} images have "
+                         f"{grey_only[c['dataset']]} channel(s)")
+    if c["channels"] not in (1, 3):
+        raise ValueError(f"--channels (--imgc) must be 1 (grey) or 3 (RGB), got {c['channels']!r}")
+    check_device(c["device"])
     if c["network"] is not None:
         _check_network(c)
     return c
+
+
+_POSITIVE_INTS = ("n_way", "k_shot", "k_query", "task_batch", "steps", "val_episodes", "test_episodes", "eval_batch",
+                  "eval_every", "log_every", "glyph_classes")
+_NON_NEGATIVE_INTS = ("inner_steps", "inner_steps_test", "multi_step_loss", "first_order_until")
+_OPTIONAL_POSITIVE_INTS = ("hidden", "image_size", "channels", "threads")
+_POSITIVE_FLOATS = ("inner_lr", "meta_lr", "outer_lr")
+_OPTIONAL_POSITIVE_FLOATS = ("clip_grad", "time_limit")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_ranges(c: dict) -> None:
+    """Every numeric option in its range, with an error naming the option."""
+    def integer(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in _POSITIVE_INTS:
+        if not integer(c[key]) or c[key] <= 0:
+            raise ValueError(f"{_flag(key)} must be a positive integer, got {c[key]!r}")
+    for key in _NON_NEGATIVE_INTS:
+        if not integer(c[key]) or c[key] < 0:
+            raise ValueError(f"{_flag(key)} must be a non-negative integer, got {c[key]!r}")
+    for key in _OPTIONAL_POSITIVE_INTS:
+        if c[key] is not None and (not integer(c[key]) or c[key] <= 0):
+            raise ValueError(f"{_flag(key)} must be a positive integer, got {c[key]!r}")
+    for key in _POSITIVE_FLOATS + _OPTIONAL_POSITIVE_FLOATS:
+        value = c[key]
+        if value is None and key in _OPTIONAL_POSITIVE_FLOATS:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{_flag(key)} must be a positive finite number, got {value!r}")
+    every = c["checkpoint_every"]
+    if not isinstance(every, (int, float)) or not math.isfinite(every) or every < 0:
+        raise ValueError(f"--checkpoint-every must be a non-negative number of seconds, got {every!r}")
+
+
+def check_device(device) -> None:
+    """A device name this machine can use; the error says why not."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:N)") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (this torch build "
+                             f"{'has no CUDA' if torch.version.cuda is None else 'finds no GPU'}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type not in ("cpu", "mps"):
+        raise ValueError(f"--device {device}: only cpu and cuda devices are supported")
+
+
+def usable_device(device: str) -> str:
+    """``device`` if this machine has it, else ``"cpu"`` (to evaluate a GPU-trained run anywhere)."""
+    try:
+        check_device(device)
+        return device
+    except ValueError:
+        return "cpu"
 
 
 def _check_network(c: dict) -> None:

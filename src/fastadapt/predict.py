@@ -107,7 +107,7 @@ class Predictor:
         if state.get("transform"):
             transform = ImageTransform.from_dict(state["transform"])
         elif "dataset" in config:
-            transform = experiment.default_transform(experiment.resolve(config))
+            transform = experiment.default_transform(experiment.resolve(dict(config, device="cpu")))
             warnings.warn(f"{path} stores no preprocessing (an older checkpoint); reading images as "
                           f"{config['dataset']} files: {transform.channels} channel(s), {transform.image_size}px, "
                           f"invert={transform.invert}", stacklevel=2)

@@ -2,15 +2,22 @@
 
 Read top to bottom: ``Trainer.fit`` draws a meta-batch, accumulates its meta-gradient
 (``learner.meta_backward``), steps Adam, logs every ``log_every`` steps, evaluates on fixed
-validation tasks every ``eval_every`` steps, and writes ``last.pt`` (and ``best.pt``). Everything
-needed to continue exactly where it stopped is in the checkpoint: model, optimiser and schedule
-state, step, configuration, torch RNG state and the task stream's position.
+validation tasks every ``eval_every`` steps, and writes ``last.pt`` (and ``best.pt``) at every
+validation and every ``checkpoint_every`` seconds. Everything needed to continue exactly where it
+stopped is in the checkpoint: model, optimiser and schedule state, step, configuration, torch RNG
+state, the task stream's position and whether that step's validation ran.
+
+A stop asked for by a signal (``stop_on_signals``) or the ``time_limit`` takes effect between two
+meta-iterations (or between two batches of a validation), after which ``last.pt`` is saved and
+``Stopped`` is raised; ``--resume`` then continues to the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +31,41 @@ from .evaluate import evaluate
 
 
 class TrainingDiverged(RuntimeError):
-    """The meta-loss became NaN or infinite; the last good checkpoint is kept."""
+    """The meta-loss became non-finite or exploded (or the weights did); ``last.pt``, if any, holds
+    the last weights that were all finite."""
+
+
+class Stopped(Exception):
+    """Training stopped early on request (a signal, or the time limit), after saving ``last.pt``.
+    ``exit_code``: 128 + the signal's number, or 0 for the time limit."""
+
+    def __init__(self, reason: str, exit_code: int):
+        super().__init__(reason)
+        self.reason, self.exit_code = reason, exit_code
+
+
+# A meta-loss this many times the first iteration's (or 1, if larger) counts as an explosion.
+EXPLOSION_FACTOR = 1000.0
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """While inside, SIGINT, SIGTERM and SIGHUP ask ``trainer`` to stop cleanly (a second one of
+    the same kind stops at once). Installed even where the shell ignored SIGINT (``nohup cmd &``)."""
+    previous = {}
+
+    def handler(number, frame):
+        if trainer.stop_request is not None and trainer.stop_request[1] == 128 + number:
+            raise KeyboardInterrupt
+        trainer.request_stop(signal.Signals(number).name, 128 + number)
+
+    for number in signals:
+        previous[number] = signal.signal(number, handler)
+    try:
+        yield trainer
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 class Trainer:
@@ -53,6 +94,9 @@ class Trainer:
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_model: Optional[dict] = None  # a copy of the weights that scored ``best``
+        self.validated_step = 0  # the last step whose validation finished
+        self.first_loss: Optional[float] = None  # the explosion guard's reference
+        self.stop_request: Optional[tuple] = None  # (reason, exit code), set by request_stop
         self._tasks_state = tasks.state_dict()
 
     # ------------------------------------------------------------------ checkpoints
@@ -63,14 +107,34 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "step": self.step, "best": self.best, "config": self.config, "rng": torch.get_rng_state(),
             "tasks": self._tasks_state, "version": __version__, "best_step": self.best_step,
+            "validated_step": self.validated_step, "first_loss": self.first_loss,
             "transform": self.transform.to_dict() if self.transform is not None else None,
             "class_names": self.class_names,
         }
 
     def save(self, name: str = "last.pt") -> Optional[Path]:
-        if self.out_dir is None or not self.dist.is_main:
+        """Write a checkpoint; weights that are not all finite are never written (the previous
+        file, whose weights were, is kept)."""
+        if self.out_dir is None or not self.dist.is_main or not self.weights_finite():
             return None
-        return save_checkpoint(self.state_dict(), self.out_dir / name)
+        path = save_checkpoint(self.state_dict(), self.out_dir / name)
+        if name == "last.pt":
+            self._saved_at = time.monotonic()
+        return path
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.learner.parameters())
+
+    def request_stop(self, reason: str, exit_code: int = 0) -> None:
+        """Stop at the next safe point (between meta-iterations or validation batches)."""
+        self.stop_request = (reason, exit_code)
+
+    def _stop_now(self) -> bool:
+        """Whether to stop; under torch.distributed every rank must agree, so the ranks share it."""
+        flag = self.stop_request is not None
+        if self.dist.enabled:
+            flag = bool(distributed.average(torch.tensor(float(flag), device=self.device), self.dist) > 0)
+        return flag
 
     def resume(self, path) -> None:
         state = load_checkpoint(path)
@@ -79,6 +143,9 @@ class Trainer:
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best, self.best_step = int(state["step"]), state["best"], state.get("best_step")
+        # older checkpoints were written only after validation: their step counts as validated
+        self.validated_step = int(state.get("validated_step", self.step))
+        self.first_loss = state.get("first_loss")
         best = Path(path if Path(path).is_dir() else Path(path).parent) / "best.pt"
         if self.best is not None and best.is_file():
             self.best_model = load_checkpoint(best)["model"]
@@ -102,8 +169,36 @@ class Trainer:
                     self.writer.add_scalar(f"{prefix}/{key}", value[-1] if isinstance(value, list) else value,
                                            record["step"])
 
-    def validate(self):
-        result = evaluate(self.learner, self.val_tasks, self.config["inner_steps_test"], device=self.device)
+    def truncate_metrics(self) -> None:
+        """Drop the records after ``self.step`` (written after the checkpoint that a resume starts
+        from), so every step appears once in ``metrics.jsonl``."""
+        path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
+        if path is None or not self.dist.is_main or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.replace(path)
+
+    def _validation_due(self) -> bool:
+        c = self.config
+        return bool(self.val_tasks) and self.step > 0 and (self.step % c["eval_every"] == 0 or self.step == c["steps"])
+
+    def validate(self, progress: bool = False):
+        # a stop asked for during validation is taken between batches (not under torch.distributed,
+        # where the ranks share the batches); the step is then validated again on resume
+        should_stop = None if self.dist.enabled else (lambda: self.stop_request is not None)
+        result = evaluate(self.learner, self.val_tasks, self.config["inner_steps_test"], device=self.device,
+                          progress=progress and self.dist.is_main, desc=f"validate @ {self.step}",
+                          should_stop=should_stop)
+        if result is None:
+            return None
+        before, after = float(result.loss[0]), float(result.loss[-1])
+        if not math.isfinite(after) or after > EXPLOSION_FACTOR * max(before, 1.0):
+            raise self._diverged(f"the validation query loss after adapting is {after:.3g} ({before:.3g} before): "
+                                 "the inner loop diverges", inner=True)
+        self.validated_step = self.step
         score = float(result.accuracy[-1]) if result.accuracy is not None else -float(result.loss[-1])
         self._write({"step": self.step, "val": result.as_dict()})
         if self.best is None or score > self.best:
@@ -113,15 +208,58 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ the loop
+    def _diverged(self, what: str, inner: bool = False) -> TrainingDiverged:
+        """The error for a diverged run: what diverged, which option to lower, which file is kept."""
+        c = self.config
+        last = self.out_dir / "last.pt" if self.out_dir is not None else None
+        if last is not None and last.is_file():
+            kept = f"; {last} (step {load_checkpoint(last)['step']}) holds the last finite weights"
+        else:
+            kept = "; no checkpoint was written before it"
+        if inner:
+            advice = f"lower --inner-lr (now {c.get('inner_lr', '?'):g})"
+        else:
+            advice = (f"lower --meta-lr (now {c['meta_lr']:g})"
+                      + (f" or --inner-lr (now {c['inner_lr']:g})" if "inner_lr" in c else "") + ", or clip with --clip-grad")
+        step = self.step if inner else self.step + 1
+        return TrainingDiverged(f"{what} at step {step}: {advice}{kept}")
+
+    def _check_loss(self, loss: float) -> None:
+        """Stop on a non-finite meta-loss or one EXPLOSION_FACTOR times the first iteration's."""
+        if not math.isfinite(loss):
+            raise self._diverged(f"the meta-loss is {loss}")
+        if self.first_loss is None:
+            self.first_loss = loss
+        limit = EXPLOSION_FACTOR * max(self.first_loss, 1.0)
+        if loss > limit:
+            raise self._diverged(f"the meta-loss exploded to {loss:.3g} (over {EXPLOSION_FACTOR:g} x the first "
+                                 f"iteration's {self.first_loss:.3g})")
+
+    def _stop(self, bar) -> None:
+        """Save where the run is and raise ``Stopped``."""
+        reason, code = self.stop_request
+        path = self.save("last.pt")
+        where = f"; {path} saved" if path is not None else ""
+        bar.write(f"stopped at step {self.step} ({reason}){where}")
+        raise Stopped(reason, code)
+
     def fit(self, progress: bool = True) -> "Trainer":
         c = self.config
         if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        stream = iter(self.tasks)
+        time_limit, every = c.get("time_limit"), c.get("checkpoint_every", 300.0)
+        started = self._saved_at = time.monotonic()
         bar = tqdm(total=c["steps"], initial=self.step, disable=not (progress and self.dist.is_main),
                    desc="meta-train", dynamic_ncols=True)
         try:
+            if self._validation_due() and self.validated_step < self.step:  # it was interrupted
+                self._validate_and_save(bar, progress)
+            stream = iter(self.tasks)
             while self.step < c["steps"]:
+                if time_limit is not None and time.monotonic() - started >= time_limit and self.stop_request is None:
+                    self.request_stop(f"time limit of {time_limit:g} s", 0)
+                if self._stop_now():
+                    self._stop(bar)
                 start = time.perf_counter()
                 batch = next(stream)
                 if self.dist.enabled:
@@ -133,12 +271,12 @@ class Trainer:
                 out = self.learner.meta_backward(batch, per_step=logging)
                 distributed.average_gradients(self.learner.parameters(), self.dist)
                 loss = distributed.average(out.loss, self.dist).item()
-                if not math.isfinite(loss):
-                    kept = f"; the last good checkpoint {self.out_dir / 'last.pt'} is kept" if self.out_dir else ""
-                    raise TrainingDiverged(f"meta-loss is {loss} at step {self.step + 1}: training stopped{kept}")
+                self._check_loss(loss)
                 if c.get("clip_grad"):
                     torch.nn.utils.clip_grad_norm_(self.learner.parameters(), c["clip_grad"])
                 self.optimizer.step()
+                if not self.weights_finite():
+                    raise self._diverged("the meta-parameters became non-finite")
                 if self.scheduler:
                     self.scheduler.step()
                 self.step += 1
@@ -160,8 +298,9 @@ class Trainer:
                         postfix["acc"] = f"{accuracy[-1].item():.3f}"
                     bar.set_postfix(postfix)
                     self._write(record)
-                if self.val_tasks and (self.step % c["eval_every"] == 0 or self.step == c["steps"]):
-                    self.validate()
+                if self._validation_due():
+                    self._validate_and_save(bar, progress)
+                elif time.monotonic() - self._saved_at >= every:
                     self.save("last.pt")
         except KeyboardInterrupt:
             where = f"; checkpoint {self.save('last.pt')}" if self.out_dir else ""
@@ -171,3 +310,8 @@ class Trainer:
             bar.close()
         self.save("last.pt")
         return self
+
+    def _validate_and_save(self, bar, progress: bool) -> None:
+        if self.validate(progress) is None:  # stopped part-way: validated again on resume
+            self._stop(bar)
+        self.save("last.pt")

@@ -1,0 +1,312 @@
+"""Runs that never lose work: signals, time limits, SIGKILL, divergence, one writer per folder,
+resume overrides, and a one-line error (exit 2) for every bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastadapt import experiment
+from fastadapt.checkpoint import RunLock, load_checkpoint, save_checkpoint
+from fastadapt.cli import _default_run_folder, main
+
+TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
+             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "6",
+             "--eval-every", "3", "--log-every", "1", "--val-episodes", "4", "--test-episodes", "4", "--quiet",
+             "--cosine"]
+
+
+class SignalAt:
+    """Wraps a task source or a list of fixed tasks: sends ``sig`` to this process when item ``n``
+    is drawn, once per test (the resumed run draws again without a signal)."""
+
+    fired = False
+
+    def __init__(self, items, n, sig):
+        self.items, self.n, self.sig = items, n, sig
+
+    def __iter__(self):
+        for i, item in enumerate(self.items):
+            if i == self.n and not SignalAt.fired:
+                SignalAt.fired = True
+                os.kill(os.getpid(), self.sig)
+            yield item
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, dataset
+        return getattr(self.items, name)
+
+
+def records(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    out = []
+    for line in lines:
+        r = json.loads(line)
+        for timing in ("time", "tasks_per_s", "examples_per_s"):
+            r.pop(timing, None)
+        out.append(r)
+    return out
+
+
+def same_run(a, b):
+    """Same final weights, same metrics, same test result."""
+    wa, wb = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert records(a) == records(b)
+    ta, tb = (json.loads((r / "test.json").read_text()) for r in (a, b))
+    assert (ta["checkpoint"], ta["step"], ta["accuracy"]) == (tb["checkpoint"], tb["step"], tb["accuracy"])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("where, sig, at", [("train", signal.SIGTERM, 4), ("val", signal.SIGHUP, 0),
+                                           ("test", signal.SIGINT, 0)])
+def test_a_signal_anywhere_saves_and_resume_matches_an_uninterrupted_run(where, sig, at, straight, tmp_path,
+                                                                         monkeypatch, capsys):
+    real = experiment.build_data
+
+    def build_data(config, splits=("train", "val", "test")):
+        out = real(config, splits)
+        if where in out:
+            out[where] = SignalAt(out[where], at, sig)
+        return out
+
+    SignalAt.fired = False
+    monkeypatch.setattr(experiment, "build_data", build_data)
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 128 + sig
+    err = capsys.readouterr().err
+    assert f"stopped ({signal.Signals(sig).name})" in err and f"--resume {run}" in err
+    state = load_checkpoint(run / "last.pt")
+    assert not (run / "test.json").exists() and not (run / ".lock").exists()
+    if where == "val":  # stopped part-way through the step-3 validation: validated again on resume
+        assert state["step"] == 3 and state["validated_step"] == 0
+    assert main(["train", "--resume", str(run)]) == 0
+    same_run(straight, run)
+
+
+def test_time_limit_stops_cleanly_and_resume_finishes(straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--time-limit", "1e-9", "--out", str(run)]) == 0
+    assert "stopped (time limit" in capsys.readouterr().err
+    assert load_checkpoint(run / "last.pt")["step"] == 0
+    assert main(["train", "--resume", str(run)]) == 0  # the limit holds for every session of the run
+    assert load_checkpoint(run / "last.pt")["step"] == 0
+    assert main(["train", "--resume", str(run), "--time-limit", "3600"]) == 0
+    same_run(straight, run)
+
+
+def wait_for(condition, seconds=120):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def logged_steps(run):
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def test_ignored_sigint_sigkill_and_a_stale_lock_as_a_scheduler_would_send_them(tmp_path):
+    """Under ``nohup cmd &`` SIGINT arrives ignored: it still saves. SIGKILL loses at most the
+    checkpoint interval (here every meta-iteration); the killed run's lock is taken over."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "fastadapt", "train", *TINY_ARGS, "--epoch", "100000", "--eval-every", "100000",
+            "--checkpoint-every", "0", "--out", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ignored = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(lambda: len(logged_steps(run)) >= 3)
+    ignored.send_signal(signal.SIGINT)
+    assert ignored.wait(60) == 130, ignored.stderr.read()
+    assert "stopped (SIGINT)" in ignored.stderr.read()
+    stopped_at = load_checkpoint(run / "last.pt")["step"]
+    assert stopped_at == logged_steps(run)[-1]
+
+    killed = subprocess.Popen([sys.executable, "-m", "fastadapt", "train", "--resume", str(run)], env=env,
+                              stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(logged_steps(run)) >= stopped_at + 3)
+    killed.kill()
+    killed.wait(60)
+    assert (run / ".lock").read_text().strip() == str(killed.pid)  # left behind by SIGKILL
+    saved = load_checkpoint(run / "last.pt")["step"]
+    assert saved >= logged_steps(run)[-1] - 1  # at most one meta-iteration lost
+
+    assert main(["train", "--resume", str(run), "--steps", str(saved + 2)]) == 0
+    steps = logged_steps(run)
+    assert steps == list(range(1, saved + 3))  # every step once, in order
+
+
+def test_divergence_stops_with_exit_1_and_keeps_finite_weights(tmp_path, capsys):
+    assert main(["train", *TINY_ARGS, "--update-step", "3", "--update-lr", "1e6", "--out", str(tmp_path / "nan")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the meta-loss is nan at step 1" in err and "no checkpoint was written" in err
+    run = tmp_path / "lr"
+    assert main(["train", *TINY_ARGS, "--meta-lr", "1e6", "--eval-every", "1", "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fastadapt train: diverged:") and "lower --meta-lr" in err
+    named = err.split("; ")[-1].split(" ")[0]
+    if (run / "last.pt").exists():
+        assert named == str(run / "last.pt")
+        weights = load_checkpoint(run / "last.pt")["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+    else:
+        assert "no checkpoint was written" in err
+    assert main(["train", *TINY_ARGS, "--inner-lr", "1e6", "--out", str(tmp_path / "inner")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastadapt train: diverged: the validation query loss after adapting is")
+    assert "the inner loop diverges" in err and "lower --inner-lr (now 1e+06)" in err
+    assert not (tmp_path / "inner" / "last.pt").exists()
+    assert "no checkpoint was written before it" in err
+
+
+def test_one_writer_per_run_folder_and_distinct_default_folders(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(f"{other.pid}\n")
+        assert main(["train", *TINY_ARGS, "--out", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"in use by process {other.pid}" in err and err.count("\n") == 0
+        with pytest.raises(RuntimeError, match="in use"):
+            RunLock(run).__enter__()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["train", *TINY_ARGS, "--epoch", "1", "--out", str(run)]) == 0  # a dead owner's lock
+    assert not (run / ".lock").exists()
+    config = experiment.resolve({})
+    assert str(os.getpid()) in _default_run_folder(config)
+
+
+def test_resume_overrides(straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--epoch", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "6", "--threads", "1", "--device", "cpu"]) == 0
+    assert "trained to step 6, 2 in this session" in capsys.readouterr().out
+    assert load_checkpoint(run / "last.pt")["step"] == 6
+    for bad, message in ((["--n-way", "5"], "--n-way cannot be given"), (["--steps", "2"], "already at step 6"),
+                         (["--preset", "sinusoid"], "--preset cannot be given")):
+        assert main(["train", "--resume", str(run), *bad]) == 2
+        assert message in capsys.readouterr().err
+    # a run saved on a GPU resumes and evaluates on a machine without one
+    state = load_checkpoint(run / "last.pt")
+    state["config"]["device"] = "cuda"
+    save_checkpoint(state, run / "last.pt")
+    if not torch.cuda.is_available():
+        assert main(["train", "--resume", str(run), "--steps", "7"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--steps", "7", "--device", "cpu"]) == 0
+    assert main(["eval", str(run / "last.pt"), "--episodes", "2"]) == 0
+
+
+def test_progress_bars_for_validation_test_and_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    assert main(["train", *args, "--epoch", "3", "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "meta-train" in err and "validate @ 3" in err and "test (last.pt)" in err
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    assert "evaluate" in capsys.readouterr().err
+    assert main(["eval", str(run), "--episodes", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+BAD_OPTIONS = [
+    (["--eval-every", "0"], "--eval-every must be a positive integer"),
+    (["--log-every", "0"], "--log-every must be a positive integer"),
+    (["--clip-grad", "-1"], "--clip-grad must be a positive finite number"),
+    (["--inner-steps-test", "-1"], "--inner-steps-test must be a non-negative integer"),
+    (["--hidden", "0"], "--hidden must be a positive integer"),
+    (["--imgc", "2"], "glyphs images have 1 channel"),
+    (["--meta-lr", "nan"], "--meta-lr must be a positive finite number"),
+    (["--inner-lr", "inf"], "--inner-lr must be a positive finite number"),
+    (["--checkpoint-every", "-5"], "--checkpoint-every must be a non-negative"),
+    (["--time-limit", "0"], "--time-limit must be a positive finite number"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["--steps", "many"], "invalid int value: 'many'"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_OPTIONS, ids=[b[0] for b, _ in BAD_OPTIONS])
+def test_every_bad_option_is_one_line_and_exit_2(bad, message, tmp_path, capsys):
+    assert main(["train", *TINY_ARGS, *bad, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error:" in err and message in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_cpu_build_is_one_line(capsys):
+    assert main(["train", *TINY_ARGS, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda: CUDA is not available" in err and "--device cpu" in err
+
+
+def test_bad_checkpoints_and_images_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"model": {}, "config": {}}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:40])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "noconfig.pt")
+    cases = {"empty.pt": "the file is empty", "truncated.pt": "cannot be read as a PyTorch checkpoint",
+             "noconfig.pt": "holds a dict with keys ['weights']"}
+    for name, message in cases.items():
+        assert main(["eval", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(tmp_path / name) in err and message in err
+        assert "expected a fastadapt checkpoint" in err
+        assert main(["train", "--resume", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--epoch", "1", "--out", str(run)]) == 0
+    for c in range(3):
+        (tmp_path / "support" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "support" / f"c{c}" / "0.png")
+    huge = tmp_path / "support" / "c0" / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)
+    capsys.readouterr()
+    assert main(["predict", str(run), "--support", str(tmp_path / "support"), "--query", str(huge)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "huge.png: cannot decode image" in err
+
+
+def test_no_subcommand_prints_help_and_help_shows_defaults(capsys):
+    assert main([]) == 0
+    assert "{train,eval,predict,plot}" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: 300.0)" in text and "(default: 0.001)" in text and "--time-limit" in text
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["eval", str(tmp_path / "missing"), "--debug"])
+
+
+def test_sinusoid_run_is_labelled_as_regression(tmp_path, capsys):
+    assert main(["train", "--preset", "sinusoid", "--steps", "2", "--eval-every", "2", "--val-episodes", "2",
+                 "--test-episodes", "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "regression, K=10" in out and "-way" not in out
