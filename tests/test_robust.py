@@ -281,6 +281,12 @@ def test_bad_checkpoints_and_images_are_one_line(tmp_path, capsys):
         assert message in capsys.readouterr().err
     run = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--epoch", "1", "--out", str(run)]) == 0
+    poisoned = load_checkpoint(run / "last.pt")
+    next(iter(poisoned["model"].values())).fill_(float("nan"))
+    save_checkpoint(poisoned, tmp_path / "nan.pt")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "nan.pt")]) == 2
+    assert "are not finite; this checkpoint cannot be evaluated" in capsys.readouterr().err
     for c in range(3):
         (tmp_path / "support" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.full((28, 28), 255, np.uint8)).save(tmp_path / "support" / f"c{c}" / "0.png")
