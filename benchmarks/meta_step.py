@@ -12,12 +12,15 @@ medians and their ratio from one run. Peak memory is measured in a fresh subproc
 ``torch.cuda.max_memory_allocated`` on GPU, on CPU (Linux) the growth of the resident set's
 high-water mark during one call.
 
-    python benchmarks/meta_step.py [--device cuda] [--reps 5] [--compile]
+``--contention N`` runs N busy processes beside the timing, as on a shared machine.
+
+    python benchmarks/meta_step.py [--device cuda] [--reps 5] [--compile] [--contention N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import statistics
 import subprocess
@@ -36,6 +39,18 @@ from fastadapt.models import conv4  # noqa: E402
 from reference import deepcopy_fine_tune, loop_meta_loss  # noqa: E402
 
 N_WAY, K_SHOT, K_QUERY, TASKS, STEPS, LR = 5, 1, 15, 32, 5, 0.4
+
+
+def start_contention(processes: int):
+    """``processes`` busy Python loops beside the timing (a shared machine); stopped at exit."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+
+    def stop():
+        for p in busy:
+            p.kill()
+            p.wait()
+    atexit.register(stop)
+    time.sleep(0.5)
 
 
 def make_batch(tasks, device, seed=0):
@@ -69,9 +84,9 @@ def make_runners(device, compile_step=False):
         maml = MAML(model, inner_lr=LR, inner_steps=STEPS, first_order=first_order, **kwargs)
         return lambda: (maml.meta_backward(batch), grads())[1]
 
-    def loop(first_order):
+    def loop(first_order, per_step=True):
         def step():
-            loss, _ = loop_meta_loss(model, batch, LR, STEPS, create_graph=not first_order)
+            loss, _ = loop_meta_loss(model, batch, LR, STEPS, create_graph=not first_order, per_step=per_step)
             loss.backward()
             return grads()
         return step
@@ -79,6 +94,8 @@ def make_runners(device, compile_step=False):
     tuner = MAML(model, inner_lr=LR, inner_steps=STEPS)
     runners = {
         "second order": (ours(False), loop(False)),
+        # the strongest plain loop: the query set scored once, after the last step
+        "second order, lean loop": (ours(False), loop(False, per_step=False)),
         "first order": (ours(True), loop(True)),
         "test-time 100 tasks x 10 steps": (lambda: tuner.fine_tune(test_batch, steps=10).task_accuracy,
                                            lambda: deepcopy_fine_tune(model, test_batch, LR, 10)),
@@ -129,15 +146,26 @@ def _status_kib(key):
 
 
 def main():
+    global TASKS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each (after one warm-up)")
     parser.add_argument("--compile", action="store_true", help="also time compile=True (compiling takes minutes)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--contention", type=int, default=0, metavar="N",
+                        help="run N busy processes beside the timing (CPU: a shared machine)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch (default 32)")
+    parser.add_argument("--only", help="time only the settings whose name contains this")
     args = parser.parse_args()
+    TASKS = args.tasks
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.contention:
+        start_contention(args.contention)
 
     print(f"fastadapt {fastadapt.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {args.contention} busy processes beside")
     print(f"conv4-64, 28x28, {N_WAY}-way {K_SHOT}-shot, {K_QUERY} queries/class, {TASKS} tasks, "
           f"{STEPS} inner steps, lr {LR}\n")
     header = f"{'setting':34s} {'fastadapt s':>11s} {'loop s':>8s} {'speed-up':>8s} {'max |diff|':>10s}"
@@ -145,6 +173,8 @@ def main():
         header += f" {'fastadapt MiB':>13s} {'loop MiB':>8s}"
     print(header)
     for name, (ours, loop) in make_runners(args.device, args.compile).items():
+        if args.only and args.only not in name:
+            continue
         if name.endswith("compile=True"):
             t = time.perf_counter()
             ours()

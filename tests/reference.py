@@ -35,7 +35,7 @@ def loop_meta_loss(model, batch, inner_lr, steps, create_graph, loss_fn=F.cross_
     params = dict(model.named_parameters())
     names = list(params)
     total = 0.0
-    correct = torch.zeros(steps + 1)
+    correct = torch.zeros(steps + 1, device=batch.query_x.device)
     for i in range(batch.num_tasks):
         sx, sy, qx, qy = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
         fast = params

@@ -111,6 +111,22 @@ def _resume_config(args):
     return config, args.out or (Path(args.resume).parent if Path(args.resume).is_file() else args.resume)
 
 
+def _warn_if_busy() -> None:
+    """torch's threads wait on each other at every small parallel region; on a machine whose cores
+    other processes already use, that costs whole scheduler slices (benchmarks/meta_step.py
+    --contention 2: 2.5-3.0 s per second-order iteration of 8 tasks with 2 threads, 1.2 s with 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return
+    threads = torch.get_num_threads()
+    if threads > 1 and load >= 1.0 and cores - load < threads:
+        warnings.warn(f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} "
+                      "threads, which then wait on each other; --threads 1 (or fewer) is often several times "
+                      "faster here", stacklevel=2)
+
+
 def _default_run_folder(config) -> str:
     """runs/<data>-<task>-<time>-<pid>: two runs started in the same second differ by process."""
     task = f"k{config['k_shot']}" if config["dataset"] == "sinusoid" else f"{config['n_way']}w{config['k_shot']}s"
@@ -152,6 +168,8 @@ def _train(args, config, out: Path, ctx) -> int:
         if trainer.scheduler is not None:  # --steps may have extended the run: the cosine spans it all
             trainer.scheduler.T_max = config["steps"]
     say = print if ctx.is_main else (lambda *a, **k: None)
+    if ctx.is_main and config["device"] == "cpu" and not config["threads"]:
+        _warn_if_busy()
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     workers = f", {ctx.world_size} processes" if ctx.enabled else ""

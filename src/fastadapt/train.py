@@ -247,6 +247,8 @@ class Trainer:
         c = self.config
         if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        if c.get("threads"):
+            torch.set_num_threads(c["threads"])
         time_limit, every = c.get("time_limit"), c.get("checkpoint_every", 300.0)
         started = self._saved_at = time.monotonic()
         bar = tqdm(total=c["steps"], initial=self.step, disable=not (progress and self.dist.is_main),
