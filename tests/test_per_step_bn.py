@@ -70,23 +70,29 @@ def test_running_statistics_are_recorded_per_step_while_meta_training_only():
     expected_mean = [torch.zeros(2, m.num_features, dtype=torch.float64) for m in model.modules()
                      if isinstance(m, _BatchNorm)]
     expected_var = [torch.zeros_like(m) for m in expected_mean]
-    for t in range(batch.num_tasks):  # first-order steps, the support statistics before each
+    def record(view, x, step, t):
+        """Half of row ``step``'s statistics: this pass's, averaged over the tasks."""
+        inputs.clear()
+        with torch.no_grad():
+            forward(model, view, x)
+        for i, found in enumerate(inputs[:layers]):
+            var, mean = torch.var_mean(found, dim=(0, 2, 3), correction=1)
+            expected_mean[i][step] += mean / batch.num_tasks / 2
+            expected_var[i][step] += var / batch.num_tasks / 2
+
+    # first-order steps; row s: the support pass at step s and the query pass scoring the weights
+    # after step s + 1, which uses row s too
+    for t in range(batch.num_tasks):
         fast = {n: w.detach() for n, w in model.named_parameters()}
         for step in range(2):
-            inputs.clear()
-            view = with_step_bn(model, learner, fast, step)
-            with torch.no_grad():
-                forward(model, view, batch.support_x[t])
-            for i, x in enumerate(inputs[:layers]):
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
-                expected_mean[i][step] += mean / batch.num_tasks
-                expected_var[i][step] += var / batch.num_tasks
+            record(with_step_bn(model, learner, fast, step), batch.support_x[t], step, t)
             params = {n: w.requires_grad_() for n, w in fast.items()}
             grads = torch.autograd.grad(F.cross_entropy(forward(model, with_step_bn(model, learner, params, step),
                                                                 batch.support_x[t]), batch.support_y[t]),
                                         list(params.values()), allow_unused=True)
             fast = {n: (w - 0.3 * g).detach() if n.rpartition(".")[0] not in bn_names(model) else w.detach()
                     for (n, w), g in zip(params.items(), grads)}
+            record(with_step_bn(model, learner, fast, step), batch.query_x[t], step, t)
     for h in hooks:
         h.remove()
     learner.meta_backward(batch)
