@@ -77,6 +77,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--val-alphabets")
     add("--test-alphabets")
     add("--rotations", action="store_true", default=None, help="Omniglot: rotated characters as new classes")
+    add("--augment", action="store_true", default=None,
+        help="random shifts (up to 10%%), zoom (0.9-1.1) and rotations (up to 10 degrees) of training images")
+    add("--group-by", choices=["alphabet"], help="training episodes: all classes of a task from one alphabet")
     add("--protocol", choices=["maml", "official"], help="Omniglot: 'maml' = 1200/423 character split")
     add("--glyph-classes", type=int)
     add("--dtype", choices=["float32", "float64"])
@@ -268,7 +271,17 @@ def cmd_eval(args) -> int:
     if steps < 0:
         raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
     learner = _load_learner(config, state, path)
-    tasks = experiment.build_data(config, splits=("test",))["test"]
+    if args.protocol == "lake":
+        if config["algo"] == "protonet":
+            learner.n_way = 20
+        elif config["n_way"] != 20:
+            raise ValueError(f"--protocol lake is 20-way; {path} is a {config['n_way']}-way model "
+                             "(its output layer has that many units; a protonet run takes any number)")
+        tasks = experiment.lake_tasks(config, args.split or "background_small2", args.alphabets,
+                                      config["test_episodes"])
+        print("Lake et al.'s protocol: 20-way 1-shot within one alphabet, support and queries by different drawers")
+    else:
+        tasks = experiment.build_data(config, splits=("test",))["test"]
     print(f"{path} (step {state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config["device"], progress=not args.quiet, desc="evaluate").table())
     return 0
@@ -409,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inner-steps-test", type=int)
     ev.add_argument("--dataset", choices=experiment.DATASETS)
     ev.add_argument("--root")
-    ev.add_argument("--split", help="test split to evaluate on")
+    ev.add_argument("--split", help="test split to evaluate on (with --protocol lake: default background_small2)")
+    ev.add_argument("--protocol", choices=["lake"],
+                    help="lake: Lake et al.'s within-alphabet 20-way 1-shot runs, support and queries by "
+                         "different drawers (Omniglot)")
     ev.add_argument("--alphabets", help="comma-separated Omniglot alphabets")
     ev.add_argument("--device", help="default: the run's device if this machine has it, else cpu")
     ev.add_argument("--threads", type=int, help="torch CPU threads")

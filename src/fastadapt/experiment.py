@@ -23,7 +23,7 @@ DEFAULTS = dict(
     test_alphabets=None, rotations=False, protocol=None, glyph_classes=200, task_chunk="auto",
     dtype="float32", outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0,
     per_step_bn=False, bn_statistics="batch", network=None, checkpoint_every=300.0, time_limit=None,
-    threads=None,
+    threads=None, augment=False, group_by=None,
 )
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1).
@@ -87,6 +87,8 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"--dtype must be float32 or float64, got {c['dtype']!r}")
     if c["algo"] not in ALGORITHMS:
         raise ValueError(f"--algo must be one of {', '.join(ALGORITHMS)}, got {c['algo']!r}")
+    if c["group_by"] not in (None, "alphabet"):
+        raise ValueError(f"--group-by must be alphabet, got {c['group_by']!r}")
     if c["bn_statistics"] not in ("batch", "running"):
         raise ValueError(f"--bn-statistics must be batch or running, got {c['bn_statistics']!r}")
     if c["bn_statistics"] == "running" and not (c["per_step_bn"] or c["algo"] == "mamlpp"):
@@ -276,6 +278,23 @@ def fixed_tasks(c: dict, dataset, count: int, seed_offset: int):
     return episodes
 
 
+def lake_tasks(c: dict, split: str = "background_small2", alphabets=None, count: int = 600):
+    """Lake et al.'s one-shot protocol (Science 2015) on an Omniglot split: 20-way 1-shot, every
+    task's 20 characters from one alphabet, its support images by one drawer and its queries (one
+    per character) by another. ``count`` fixed tasks, in batches of ``eval_batch``."""
+    if c["dataset"] != "omniglot":
+        raise ValueError(f"--protocol lake evaluates on Omniglot; this run's data set is {c['dataset']}")
+    images = data.Omniglot(c["root"], split, image_size=c["image_size"], alphabets=_alphabets(alphabets))
+    batch = min(c["eval_batch"], count)
+    sampler = data.EpisodeSampler(images, 20, 1, 1, batch, seed=c["seed"] + 2, group_by="alphabet",
+                                  drawers="disjoint")
+    episodes = sampler.fixed(math.ceil(count / batch))
+    extra = len(episodes) * batch - count
+    if extra:
+        episodes[-1] = episodes[-1][: batch - extra]
+    return episodes
+
+
 def build_data(c: dict, splits=("train", "val", "test")):
     """The training task stream and the fixed validation and test tasks named in ``splits``."""
     out = {}
@@ -289,7 +308,9 @@ def build_data(c: dict, splits=("train", "val", "test")):
         return out
     train, val, test = build_sets(c)
     if "train" in splits:
-        out["train"] = data.EpisodeSampler(train, c["n_way"], c["k_shot"], c["k_query"], c["task_batch"], seed=c["seed"])
+        out["train"] = data.EpisodeSampler(train, c["n_way"], c["k_shot"], c["k_query"], c["task_batch"], seed=c["seed"],
+                                           augment=data.RandomAffine() if c["augment"] else None,
+                                           group_by=c["group_by"])
     if "val" in splits:
         out["val"] = fixed_tasks(c, val, c["val_episodes"], 1)
     if "test" in splits:

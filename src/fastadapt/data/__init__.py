@@ -1,5 +1,6 @@
 """Episodic few-shot data. Nothing here imports a model or an algorithm."""
 
+from .augment import RandomAffine
 from .episodes import TaskBatch
 from .folder import ImageFolder
 from .glyphs import Glyphs
@@ -11,4 +12,4 @@ from .sinusoid import Sinusoid
 from .transform import ImageTransform
 
 __all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "maml_protocol",
-           "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform"]
+           "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform", "RandomAffine"]

@@ -53,6 +53,14 @@ class ImageSet:
             cls = self.class_names.index(cls)
         return self._class_indices[cls]
 
+    @property
+    def alphabets(self) -> Optional[List[str]]:
+        """The alphabet of each class where class names are ``alphabet/character`` (Omniglot's,
+        also after rotation or the MAML protocol's pooling), else None."""
+        if not self.class_names or not all("/" in name for name in self.class_names):
+            return None
+        return [name.split("/")[0] for name in self.class_names]
+
     def class_sizes(self) -> torch.Tensor:
         return torch.tensor([len(i) for i in self._class_indices])
 

@@ -53,6 +53,15 @@ def _list_source(root: Path, base: str):
     return None, None
 
 
+def _drawer_of(source: str) -> int:
+    """The drawer number in an Omniglot file name (``0394_07.png`` -> 7), or -1."""
+    stem = source.replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
+    try:
+        return int(stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def _rotate(images: torch.Tensor, targets: torch.Tensor, names: Sequence[str], sources=None):
     """Add 90/180/270-degree rotated copies of every class as new classes."""
     all_images, all_targets, all_names = [images], [targets], list(names)
@@ -126,6 +135,9 @@ class Omniglot(ImageSet):
             images, targets, class_names, sources = _rotate(images, targets, class_names, sources)
         super().__init__(images, targets, class_names, transform, sources)
         self.split, self.root = split, root
+        # the drawer of each image (its file is <character id>_<drawer>.png), for Lake's runs
+        drawers = torch.tensor([_drawer_of(source) for _, source, _ in entries])
+        self.drawers = drawers.repeat(4) if rotations else drawers
 
 
 def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: int = 0,

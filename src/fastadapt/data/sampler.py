@@ -28,10 +28,18 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
 
     ``augment(images, generator)``, if given, maps the float images of one meta-batch
     ``[N, C, H, W]`` to new ones of the same shape, using the numpy ``generator`` for randomness.
+
+    Lake et al.'s one-shot runs (Science 2015) use two more options. ``group_by="alphabet"``
+    draws all classes of a task from one alphabet (the data set's ``alphabets``, one per class;
+    alphabets with fewer than ``n_way`` classes are left out). ``drawers="disjoint"`` takes each
+    task's support images from ``k_shot`` drawers and its query images from ``k_query`` other
+    drawers, the same drawers for every class (the data set's ``drawers``, one per image), so no
+    query is drawn by a hand seen in the support set.
     """
 
     def __init__(self, dataset, n_way: int, k_shot: int, k_query: int, batch_size: int, seed: int = 0,
-                 augment: Optional[Callable] = None):
+                 augment: Optional[Callable] = None, group_by: Optional[str] = None,
+                 drawers: Optional[str] = None):
         super().__init__()
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query), ("batch_size", batch_size)):
             if not isinstance(value, int) or value <= 0:
@@ -50,6 +58,56 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         self.augment = augment
         self.start = 0
         self._class_indices = [dataset.indices_of(c).numpy() for c in range(dataset.num_classes)]
+        self.group_by, self.drawers = group_by, drawers
+        self._groups = self._eligible_groups(dataset, group_by, n_way)
+        self._by_drawer = self._drawer_table(dataset, drawers, k_shot + k_query)
+
+    def _eligible_groups(self, dataset, group_by, n_way):
+        """The class indices of each group with at least ``n_way`` classes (None: no grouping)."""
+        if group_by is None:
+            return None
+        if group_by != "alphabet":
+            raise ValueError(f"EpisodeSampler: group_by must be None or 'alphabet', got {group_by!r}")
+        names = getattr(dataset, "alphabets", None)
+        if names is None:
+            raise ValueError(f"EpisodeSampler: group_by='alphabet' needs a data set with alphabets (Omniglot); "
+                             f"{dataset!r} has none")
+        groups = {}
+        for cls, name in enumerate(names):
+            groups.setdefault(name, []).append(cls)
+        eligible = [np.array(members) for _, members in sorted(groups.items()) if len(members) >= n_way]
+        if not eligible:
+            largest = max(groups.items(), key=lambda item: len(item[1]))
+            raise ValueError(f"EpisodeSampler: no alphabet has n_way={n_way} classes (the largest, "
+                             f"{largest[0]!r}, has {len(largest[1])})")
+        return eligible
+
+    def _drawer_table(self, dataset, drawers, per_class):
+        """``[classes, drawers]`` image indices (None: drawers not used)."""
+        if drawers is None:
+            return None
+        if drawers != "disjoint":
+            raise ValueError(f"EpisodeSampler: drawers must be None or 'disjoint', got {drawers!r}")
+        of_image = getattr(dataset, "drawers", None)
+        if of_image is None or (torch.as_tensor(of_image) < 0).any():
+            raise ValueError(f"EpisodeSampler: drawers='disjoint' needs the drawer of every image (Omniglot's "
+                             f"file names); {dataset!r} has none")
+        of_image = torch.as_tensor(of_image).numpy()
+        self._drawer_ids = np.unique(of_image)
+        table = np.full((dataset.num_classes, len(self._drawer_ids)), -1, dtype=np.int64)
+        position = {d: i for i, d in enumerate(self._drawer_ids.tolist())}
+        for cls, members in enumerate(self._class_indices):
+            for index in members:
+                table[cls, position[int(of_image[index])]] = index
+        missing = np.argwhere(table < 0)
+        if len(missing):
+            cls, column = missing[0]
+            raise ValueError(f"EpisodeSampler: drawers='disjoint' needs every class drawn by the same drawers; "
+                             f"{dataset.class_names[cls]!r} has no image by drawer {self._drawer_ids[column]}")
+        if per_class > len(self._drawer_ids):
+            raise ValueError(f"EpisodeSampler: k_shot + k_query = {per_class} drawers are needed, there are "
+                             f"{len(self._drawer_ids)}")
+        return table
 
     def episode_indices(self, index: int, stream: int = _TRAIN_STREAM):
         """Which images make episode ``index``: ``picks`` ``[T, n_way, k_shot + k_query]`` indices
@@ -60,10 +118,18 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         picks = np.empty((self.batch_size, self.n_way, per_class), dtype=np.int64)
         labels = np.empty((self.batch_size, self.n_way), dtype=np.int64)
         for task in range(self.batch_size):
-            classes = rng.choice(len(self._class_indices), self.n_way, replace=False)
-            for slot, cls in enumerate(classes):
-                members = self._class_indices[cls]
-                picks[task, slot] = members[rng.choice(len(members), per_class, replace=False)]
+            if self._groups is None:
+                classes = rng.choice(len(self._class_indices), self.n_way, replace=False)
+            else:
+                group = self._groups[rng.integers(len(self._groups))]
+                classes = group[rng.choice(len(group), self.n_way, replace=False)]
+            if self._by_drawer is None:
+                for slot, cls in enumerate(classes):
+                    members = self._class_indices[cls]
+                    picks[task, slot] = members[rng.choice(len(members), per_class, replace=False)]
+            else:  # support drawers first, then the query drawers: the same for every class
+                chosen = rng.choice(self._by_drawer.shape[1], per_class, replace=False)
+                picks[task] = self._by_drawer[classes][:, chosen]
             labels[task] = rng.permutation(self.n_way)
         return picks, labels, rng
 

@@ -1,0 +1,96 @@
+"""Lake et al.'s one-shot protocol: episodes within one alphabet, support and queries by different
+drawers; augmentation of training episodes; ``eval --protocol lake``. On the real Omniglot zips."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_data
+from fastadapt.cli import main
+from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine
+
+
+@pytest.fixture(scope="module")
+def small2():
+    return Omniglot(shared_data("omniglot/images_background_small2.zip").parent, "background_small2")
+
+
+def test_within_alphabet_episodes_with_disjoint_drawers(small2):
+    sampler = EpisodeSampler(small2, 20, 1, 1, 8, seed=3, group_by="alphabet", drawers="disjoint")
+    seen = set()
+    for episode in range(3):
+        picks, labels = sampler.fixed_indices(episode)
+        for task in range(8):
+            alphabets = {small2.alphabets[int(small2.targets[i])] for i in picks[task].ravel()}
+            assert len(alphabets) == 1
+            seen |= alphabets
+            support, query = set(small2.drawers[picks[task, :, 0]].tolist()), set(small2.drawers[picks[task, :, 1]].tolist())
+            assert len(support) == 1 and len(query) == 1 and support != query  # one drawer each, never the same
+            assert sorted(labels[task]) == list(range(20))
+    assert "Tagalog" not in seen  # 17 characters: too few for 20-way
+    again = EpisodeSampler(small2, 20, 1, 1, 8, seed=3, group_by="alphabet", drawers="disjoint")
+    torch.testing.assert_close(again.fixed(1)[0].query_x, sampler.fixed(1)[0].query_x, rtol=0, atol=0)
+    other = EpisodeSampler(small2, 20, 1, 1, 8, seed=4, group_by="alphabet", drawers="disjoint")
+    assert not torch.equal(other.fixed(1)[0].query_x, sampler.fixed(1)[0].query_x)
+    # more shots: k_shot support drawers and k_query other ones, the same for every class
+    picks, _ = EpisodeSampler(small2, 5, 2, 3, 2, group_by="alphabet", drawers="disjoint").fixed_indices(0)
+    drawers = small2.drawers[torch.from_numpy(picks)]
+    assert torch.equal(drawers, drawers[:, :1].expand_as(drawers))
+    assert all(len(set(row.tolist())) == 5 for row in drawers[:, 0])
+
+
+def test_grouping_and_drawer_errors(small2):
+    with pytest.raises(ValueError, match="no alphabet has n_way=50 classes.*'Japanese_\\(katakana\\)', has 47"):
+        EpisodeSampler(small2, 50, 1, 1, 2, group_by="alphabet")
+    glyphs = Glyphs(num_classes=6, examples_per_class=4)
+    with pytest.raises(ValueError, match="needs a data set with alphabets"):
+        EpisodeSampler(glyphs, 3, 1, 1, 2, group_by="alphabet")
+    with pytest.raises(ValueError, match="needs the drawer of every image"):
+        EpisodeSampler(glyphs, 3, 1, 1, 2, drawers="disjoint")
+    with pytest.raises(ValueError, match="group_by must be None or 'alphabet'"):
+        EpisodeSampler(small2, 5, 1, 1, 2, group_by="font")
+    with pytest.raises(ValueError, match="k_shot \\+ k_query = 21 is larger than class"):
+        EpisodeSampler(small2, 5, 1, 20, 2, drawers="disjoint")
+
+
+def test_random_affine_is_small_seeded_and_leaves_evaluation_alone():
+    glyphs = Glyphs(num_classes=4, examples_per_class=3)
+    x = glyphs.to_tensor(glyphs.images)
+    identity = RandomAffine(shift=0, scale=(1, 1), rotation=0)(x, np.random.default_rng(0))
+    torch.testing.assert_close(identity, x, rtol=0, atol=1e-5)
+    affine = RandomAffine()
+    a, b = affine(x, np.random.default_rng(1)), affine(x, np.random.default_rng(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.allclose(a, x)
+    # ink is moved, not created: the total brightness stays within the zoom's square
+    ratio = a.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert ((ratio > 0.7) & (ratio < 1.3)).all()
+    with pytest.raises(ValueError, match="RandomAffine"):
+        RandomAffine(shift=1.5)
+    plain = EpisodeSampler(glyphs, 3, 1, 2, 2, seed=0)
+    augmented = EpisodeSampler(glyphs, 3, 1, 2, 2, seed=0, augment=affine)
+    first, second = next(iter(augmented)).support_x, next(iter(EpisodeSampler(glyphs, 3, 1, 2, 2, augment=affine))).support_x
+    assert torch.equal(first, second) and not torch.equal(first, next(iter(plain)).support_x)
+
+
+def test_eval_protocol_lake_and_training_options_on_the_minimal_sets(tmp_path, capsys):
+    root = shared_data("omniglot/images_background_small1.zip").parent
+    shared_data("omniglot/images_background_small2.zip")
+    common = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+              "--val-split", "background_small2", "--hidden", "8", "--k-query", "1", "--task-batch", "2",
+              "--inner-steps", "1", "--steps", "2", "--val-episodes", "2", "--test-episodes", "2", "--quiet",
+              "--augment", "--group-by", "alphabet"]
+    assert main([*common, "--n-way", "20", "--out", str(tmp_path / "twenty")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "twenty"), "--protocol", "lake", "--episodes", "6", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Lake et al.'s protocol" in out and "6 test tasks" in out
+    assert main(["eval", str(tmp_path / "twenty"), "--protocol", "lake", "--episodes", "2", "--quiet",
+                 "--alphabets", "Tagalog"]) == 2
+    assert "n_way=20 is larger than the 17 classes" in capsys.readouterr().err
+    assert main([*common, "--n-way", "5", "--out", str(tmp_path / "five")]) == 0
+    assert main(["eval", str(tmp_path / "five"), "--protocol", "lake", "--quiet"]) == 2
+    assert "is a 5-way model" in capsys.readouterr().err
+    assert main([*common, "--n-way", "5", "--algo", "protonet", "--out", str(tmp_path / "proto")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "proto"), "--protocol", "lake", "--episodes", "2", "--quiet"]) == 0
+    assert "2 test tasks" in capsys.readouterr().out
