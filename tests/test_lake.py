@@ -24,7 +24,8 @@ def test_within_alphabet_episodes_with_disjoint_drawers(small2):
             alphabets = {small2.alphabets[int(small2.targets[i])] for i in picks[task].ravel()}
             assert len(alphabets) == 1
             seen |= alphabets
-            support, query = set(small2.drawers[picks[task, :, 0]].tolist()), set(small2.drawers[picks[task, :, 1]].tolist())
+            support = set(small2.drawers[picks[task, :, 0]].tolist())
+            query = set(small2.drawers[picks[task, :, 1]].tolist())
             assert len(support) == 1 and len(query) == 1 and support != query  # one drawer each, never the same
             assert sorted(labels[task]) == list(range(20))
     assert "Tagalog" not in seen  # 17 characters: too few for 20-way
@@ -68,7 +69,8 @@ def test_random_affine_is_small_seeded_and_leaves_evaluation_alone():
         RandomAffine(shift=1.5)
     plain = EpisodeSampler(glyphs, 3, 1, 2, 2, seed=0)
     augmented = EpisodeSampler(glyphs, 3, 1, 2, 2, seed=0, augment=affine)
-    first, second = next(iter(augmented)).support_x, next(iter(EpisodeSampler(glyphs, 3, 1, 2, 2, augment=affine))).support_x
+    first = next(iter(augmented)).support_x
+    second = next(iter(EpisodeSampler(glyphs, 3, 1, 2, 2, augment=affine))).support_x
     assert torch.equal(first, second) and not torch.equal(first, next(iter(plain)).support_x)
 
 

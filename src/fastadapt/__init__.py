@@ -9,5 +9,5 @@ from .train import Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "MetaSGD", "ANIL", "Reptile", "ProtoNet", "MetaLearner", "MetaOutput", "Sinusoid", "TaskBatch", "Trainer", "evaluate", "Predictor",
-           "Prediction", "algorithms", "data", "models", "__version__"]
+__all__ = ["MAML", "MetaSGD", "ANIL", "Reptile", "ProtoNet", "MetaLearner", "MetaOutput", "Sinusoid", "TaskBatch",
+           "Trainer", "evaluate", "Predictor", "Prediction", "algorithms", "data", "models", "__version__"]

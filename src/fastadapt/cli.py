@@ -391,13 +391,17 @@ class _Parser(argparse.ArgumentParser):
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """Append each run option's default (from experiment.DEFAULTS) to its help; the parser's own
     defaults are None so that presets and stored configurations are not overridden."""
+    def shown(dest, default):
+        if default is None:
+            return "depends on --dataset" if dest in ("image_size", "channels", "hidden") else "off"
+        if isinstance(default, bool):
+            return "on" if default else "off"
+        return default
+
     for action in parser._actions:
         if action.dest in experiment.DEFAULTS and action.help is not argparse.SUPPRESS:
-            default = experiment.DEFAULTS[action.dest]
-            shown = {None: "depends on --dataset" if action.dest in ("image_size", "channels", "hidden") else "off",
-                     False: "off", True: "on"}.get(default, default) if not isinstance(default, (int, float)) \
-                or isinstance(default, bool) else default
-            action.help = f"{action.help or ''} (default: {shown})".strip()
+            default = shown(action.dest, experiment.DEFAULTS[action.dest])
+            action.help = f"{action.help or ''} (default: {default})".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:

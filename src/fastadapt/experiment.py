@@ -73,8 +73,8 @@ ALGORITHMS = {
                                                    loss=loss, task_chunk=c["task_chunk"]),
     "reptile": lambda model, c, loss: algorithms.Reptile(model, c["inner_lr"], c["inner_steps"], c["outer_lr"],
                                                          loss=loss, task_chunk=c["task_chunk"]),
-    "protonet": lambda model, c, loss: algorithms.ProtoNet(model, c["n_way"], task_chunk=c["task_chunk"],
-                                                           embedding="features" if hasattr(model, "features") else None),
+    "protonet": lambda model, c, loss: algorithms.ProtoNet(
+        model, c["n_way"], task_chunk=c["task_chunk"], embedding="features" if hasattr(model, "features") else None),
 }
 
 
@@ -308,8 +308,8 @@ def build_data(c: dict, splits=("train", "val", "test")):
         return out
     train, val, test = build_sets(c)
     if "train" in splits:
-        out["train"] = data.EpisodeSampler(train, c["n_way"], c["k_shot"], c["k_query"], c["task_batch"], seed=c["seed"],
-                                           augment=data.RandomAffine() if c["augment"] else None,
+        out["train"] = data.EpisodeSampler(train, c["n_way"], c["k_shot"], c["k_query"], c["task_batch"],
+                                           seed=c["seed"], augment=data.RandomAffine() if c["augment"] else None,
                                            group_by=c["group_by"])
     if "val" in splits:
         out["val"] = fixed_tasks(c, val, c["val_episodes"], 1)

@@ -220,7 +220,8 @@ class Trainer:
             advice = f"lower --inner-lr (now {c.get('inner_lr', '?'):g})"
         else:
             advice = (f"lower --meta-lr (now {c['meta_lr']:g})"
-                      + (f" or --inner-lr (now {c['inner_lr']:g})" if "inner_lr" in c else "") + ", or clip with --clip-grad")
+                      + (f" or --inner-lr (now {c['inner_lr']:g})" if "inner_lr" in c else "")
+                      + ", or clip with --clip-grad")
         step = self.step if inner else self.step + 1
         return TrainingDiverged(f"{what} at step {step}: {advice}{kept}")
 

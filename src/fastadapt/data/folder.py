@@ -16,10 +16,11 @@ class ImageFolder(ImageSet):
 
     Images are converted to ``channels`` (1: grey, 3: RGB), resized to ``image_size`` squared and,
     with ``invert=True``, inverted (``255 - pixel``). A file whose suffix is not an image format's
-    (``notes.txt``, ``Thumbs.db``) is skipped with a warning naming it. A file that cannot be decoded raises a ``ValueError`` naming it (``on_error="raise"``, the
-    default) or is skipped with a warning naming it (``on_error="skip"``); it is never given a
-    label. A class folder with no usable image is an error. ``strict_channels=True`` makes an
-    image of another channel count (colour in a grey set, or the reverse) an error too.
+    (``notes.txt``, ``Thumbs.db``) is skipped with a warning naming it. A file that cannot be
+    decoded raises a ``ValueError`` naming it (``on_error="raise"``, the default) or is skipped
+    with a warning naming it (``on_error="skip"``); it is never given a label. A class folder with
+    no usable image is an error. ``strict_channels=True`` makes an image of another channel count
+    (colour in a grey set, or the reverse) an error too.
     """
 
     def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise",

@@ -82,8 +82,10 @@ class Omniglot(ImageSet):
     ``split``: ``background``, ``evaluation``, ``background_small1`` or ``background_small2``.
     Images are resized to ``image_size`` (Lanczos) and inverted, so strokes are bright on a zero
     background (``default_transform``, stored in checkpoints so ``predict`` reads files the same
-    way); ``sources`` names each image's file (``zip:member`` or path). ``alphabets`` keeps only the named alphabets; ``rotations=True`` adds rotated copies
-    of each character as new classes (the MAML paper's augmentation). The decoded images are cached
+    way); ``sources`` names each image's file (``zip:member`` or path), ``drawers`` each image's
+    drawer (from its file name). ``alphabets`` keeps only the named alphabets; ``rotations=True``
+    adds rotated copies of each character as new classes (the MAML paper's augmentation). The
+    decoded images are cached
     as ``.npy`` if asked: ``cache=True`` next to the data (when that folder is writable), a path
     puts the cache in that folder; off by default (decoding the full set takes seconds).
     """

@@ -1,0 +1,86 @@
+"""Lake's within-alphabet one-shot protocol, every algorithm at one equal wall-clock budget.
+
+Each algorithm meta-trains on ``images_background_small1`` alone for ``--budget`` seconds
+(``fastadapt train --time-limit``, one run at a time), 20-way 1-shot, then ``fastadapt eval
+--protocol lake`` scores its final weights on ``images_background_small2``: 20-way 1-shot tasks
+within one alphabet, support and queries by different drawers (Lake, Salakhutdinov and
+Tenenbaum, Science 2015). There is no validation (the minimal sets have no third part to select
+on without touching the test alphabets), so the last weights are scored. A run whose
+``lake.json`` exists is not repeated.
+
+    python benchmarks/lake_table.py --omniglot ../shared/data/omniglot [--budget 600] [--algos maml,protonet]
+    python benchmarks/lake_table.py ... --extra "--augment --group-by alphabet" --runs runs/lake-recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ALGOS = ("maml", "fomaml", "mamlpp", "metasgd", "anil", "reptile", "protonet")
+TWENTY_WAY = ["--n-way", "20", "--k-shot", "1", "--k-query", "5", "--task-batch", "4", "--inner-steps", "5",
+              "--inner-lr", "0.1", "--inner-steps-test", "5"]
+
+
+def algorithm_options(algo: str) -> list:
+    """Reptile needs several inner steps at a smaller rate (one SGD step would make it joint
+    training) and its own outer step; as in benchmarks/compare_algorithms.py."""
+    if algo == "reptile":
+        return ["--inner-lr", "0.05", "--inner-steps-test", "10", "--outer-lr", "1.0"]
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--omniglot", required=True, help="folder with images_background_small{1,2}.zip")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds of meta-training per algorithm")
+    parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--episodes", type=int, default=600, help="Lake tasks to test on")
+    parser.add_argument("--extra", default="", help="more training options, e.g. \"--augment --group-by alphabet\"")
+    parser.add_argument("--runs", default="runs/lake", help="folder for the runs")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    rows = []
+    for algo in args.algos.split(","):
+        out = Path(args.runs) / algo
+        result_file = out / "lake.json"
+        if not result_file.exists():
+            train = [sys.executable, "-m", "fastadapt", "train", "--dataset", "omniglot", "--root", args.omniglot,
+                     "--train-split", "background_small1", "--val-split", "background_small2", *TWENTY_WAY,
+                     "--algo", algo, *algorithm_options(algo), *shlex.split(args.extra), "--steps", "1000000",
+                     "--eval-every", "1000000", "--checkpoint-every", "60", "--time-limit", str(args.budget),
+                     "--threads", str(args.threads), "--quiet", "--out", str(out)]
+            print("$", shlex.join(train), flush=True)
+            subprocess.run(train, check=True)
+            evaluate = [sys.executable, "-m", "fastadapt", "eval", str(out / "last.pt"), "--protocol", "lake",
+                        "--episodes", str(args.episodes), "--threads", str(args.threads), "--quiet"]
+            print("$", shlex.join(evaluate), flush=True)
+            table = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
+            steps = [line for line in table.splitlines() if re.match(r"\s+\d+\s+[\d.]+%", line)]
+            found = [re.match(r"\s+(\d+)\s+([\d.]+)% ±\s+([\d.]+)", line).groups() for line in steps]
+            state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+            result_file.write_text(json.dumps({
+                "algo": algo, "iterations": int(state["step"]), "budget_s": args.budget, "extra": args.extra,
+                "accuracy": [float(a) for _, a, _ in found], "ci": [float(c) for _, _, c in found]}, indent=2))
+        rows.append(json.loads(result_file.read_text()))
+    print(f"\nLake's protocol on background_small2 (20-way 1-shot within an alphabet, {args.episodes} tasks), "
+          f"trained on background_small1 for {args.budget:g} s each ({args.threads} CPU threads); extra: "
+          f"{args.extra or 'none'}\n")
+    print("| algo | iterations | before adapting | after 1 step | after the last test step |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        acc, ci = r["accuracy"], r["ci"]
+        after1 = f"{acc[1]:.2f} ± {ci[1]:.2f}%" if len(acc) > 1 else "-"
+        print(f"| {r['algo']} | {r['iterations']} | {acc[0]:.2f}% | {after1} | {acc[-1]:.2f} ± {ci[-1]:.2f}% "
+              f"({len(acc) - 1} steps) |")
+
+
+if __name__ == "__main__":
+    main()
