@@ -82,11 +82,15 @@ def test_meta_forward_is_second_order_and_equals_a_create_graph_loop_in_float64(
     assert max(moved) == pytest.approx(args.meta_lr, rel=1e-3)
 
 
-def test_first_order_is_the_reference_behaviour_and_differs_measurably():
-    args = reference_args()
+@pytest.mark.parametrize("name", ["omniglot", "miniimagenet"])
+def test_first_order_is_the_reference_behaviour_and_differs_measurably(name):
+    make_config, imgc, imgsz = SETTINGS[name]
+    rate = 0.4 if name == "omniglot" else 0.01
+    args = reference_args(imgc=imgc, imgsz=imgsz, update_lr=rate)
     torch.manual_seed(0)
-    second = Meta(args, omniglot_config(args.n_way)).double()
-    first = Meta(reference_args(first_order=True), omniglot_config(args.n_way)).double()
+    second = Meta(args, make_config(args.n_way)).double()
+    first = Meta(reference_args(first_order=True, imgc=imgc, imgsz=imgsz, update_lr=rate),
+                 make_config(args.n_way)).double()
     first.load_state_dict(second.state_dict())
     before = copy.deepcopy(second.net)
     data = episode(args, torch.float64)
@@ -100,10 +104,13 @@ def test_first_order_is_the_reference_behaviour_and_differs_measurably():
     assert gap > 1e-3
 
 
-def test_finetunning_returns_per_step_accuracy_and_touches_nothing():
-    args = reference_args(update_step_test=4, k_qry=3)
+@pytest.mark.parametrize("name", ["omniglot", "miniimagenet"])
+def test_finetunning_returns_per_step_accuracy_and_touches_nothing(name):
+    make_config, imgc, imgsz = SETTINGS[name]
+    args = reference_args(update_step_test=4, k_qry=3, imgc=imgc, imgsz=imgsz,
+                          update_lr=0.4 if name == "omniglot" else 0.01)
     torch.manual_seed(1)
-    maml = Meta(args, omniglot_config(args.n_way))
+    maml = Meta(args, make_config(args.n_way))
     x_spt, y_spt, x_qry, y_qry = episode(args, tasks=1)
     params = [p.detach().clone() for p in maml.parameters()]
     buffers = [b.clone() for b in maml.buffers()]
