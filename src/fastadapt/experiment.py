@@ -271,6 +271,12 @@ def fixed_tasks(c: dict, dataset, count: int, seed_offset: int):
         tasks = data.Sinusoid(c["k_shot"], c["k_query"], seed=c["seed"] + seed_offset).sample(count)
         return list(tasks.split(batch))
     sampler = data.EpisodeSampler(dataset, c["n_way"], c["k_shot"], c["k_query"], batch, seed=c["seed"] + seed_offset)
+    return _first_tasks(sampler, count)
+
+
+def _first_tasks(sampler, count: int):
+    """The sampler's fixed meta-batches holding its first ``count`` tasks (the last one cut short)."""
+    batch = sampler.batch_size
     episodes = sampler.fixed(math.ceil(count / batch))
     extra = len(episodes) * batch - count
     if extra:
@@ -288,11 +294,7 @@ def lake_tasks(c: dict, split: str = "background_small2", alphabets=None, count:
     batch = min(c["eval_batch"], count)
     sampler = data.EpisodeSampler(images, 20, 1, 1, batch, seed=c["seed"] + 2, group_by="alphabet",
                                   drawers="disjoint")
-    episodes = sampler.fixed(math.ceil(count / batch))
-    extra = len(episodes) * batch - count
-    if extra:
-        episodes[-1] = episodes[-1][: batch - extra]
-    return episodes
+    return _first_tasks(sampler, count)
 
 
 def build_data(c: dict, splits=("train", "val", "test")):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from . import experiment
@@ -127,14 +126,6 @@ class Predictor:
         return cls(learner, transform, n_way, steps, device)
 
     # ------------------------------------------------------------------ reading images
-    def _read(self, images: Sequence, sources: Sequence[str]) -> torch.Tensor:
-        """uint8 ``[N, C, H, W]`` from files, bytes or PIL images, through the stored transform."""
-        if not images:
-            return torch.zeros(0, self.transform.channels, self.transform.image_size, self.transform.image_size,
-                               dtype=torch.uint8)
-        return torch.from_numpy(np.stack([self.transform.decode(image, source, strict_channels=True)
-                                          for image, source in zip(images, sources)]))
-
     @staticmethod
     def _image_files(folder: Path, what: str) -> List[Path]:
         files, others = image_files(folder)
@@ -173,7 +164,7 @@ class Predictor:
             images += members
             sources += [str(m) if isinstance(m, (str, Path)) else f"{name}[{i}]" for i, m in enumerate(members)]
             targets += [label] * len(members)
-        stored = self._read(images, sources)
+        stored = self.transform.decode_all(images, sources)
         self._check_polarity(stored)
         return self.transform.to_tensor(stored), torch.tensor(targets), names
 
@@ -223,7 +214,7 @@ class Predictor:
                     raise FileNotFoundError(f"query {folder} does not exist")
             images = list(images)
             sources = [str(m) if isinstance(m, (str, Path)) else f"image {i}" for i, m in enumerate(images)]
-            x = self.transform.to_tensor(self._read(images, sources))
+            x = self.transform.to_tensor(self.transform.decode_all(images, sources))
         if x.shape[0] == 0:
             raise ValueError("predict: no images given")
         with torch.no_grad():

@@ -132,27 +132,31 @@ class ImageTransform:
             x = (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
         return x
 
+    def decode_all(self, images: Sequence[ImageLike], sources: Optional[Sequence[str]] = None,
+                   strict_channels: bool = True) -> torch.Tensor:
+        """Files, bytes or PIL images -> the stored uint8 images ``[N, C, H, W]``."""
+        images = list(images)
+        sources = list(sources) if sources is not None else [None] * len(images)
+        if not images:
+            return torch.zeros(0, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+        return torch.from_numpy(np.stack([self.decode(image, source, strict_channels)
+                                          for image, source in zip(images, sources)]))
+
     def load(self, images: Sequence[ImageLike], sources: Optional[Sequence[str]] = None,
              strict_channels: bool = True) -> torch.Tensor:
         """Files or PIL images -> network input ``[N, C, H, W]``, as the data set's sampler makes it."""
-        images = list(images)
-        sources = list(sources) if sources is not None else [None] * len(images)
-        decoded = [self.decode(image, source, strict_channels) for image, source in zip(images, sources)]
-        if not decoded:
-            return torch.zeros(0, self.channels, self.image_size, self.image_size)
-        return self.to_tensor(torch.from_numpy(np.stack(decoded)))
+        return self.to_tensor(self.decode_all(images, sources, strict_channels))
 
 
 def polarity(images: torch.Tensor, sample: int = 512) -> Optional[str]:
-    """``"light"`` when most grey images are mostly bright (their median pixel is above mid-grey),
-    else ``"dark"``; None for colour images or an empty set. Looks at up to ``sample`` images,
-    evenly spread."""
+    """``"light"`` when most grey uint8 images are mostly bright (their median pixel is above
+    mid-grey), else ``"dark"``; None for colour images or an empty set. Looks at up to ``sample``
+    images, evenly spread."""
     if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
         return None
     index = torch.linspace(0, images.shape[0] - 1, min(sample, images.shape[0])).long()
     picked = images[index].flatten(1).float()
-    middle = 127.5 if images.dtype == torch.uint8 else 0.5
-    light = (picked.median(dim=1).values > middle).float().mean().item()
+    light = (picked.median(dim=1).values > 127.5).float().mean().item()
     return "light" if light > 0.5 else "dark"
 
 
