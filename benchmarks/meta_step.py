@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import fastadapt  # noqa: E402
 from fastadapt import MAML, TaskBatch  # noqa: E402
 from fastadapt.models import conv4  # noqa: E402
-from reference import deepcopy_fine_tune, loop_meta_loss  # noqa: E402
+from helpers import deepcopy_fine_tune, loop_meta_loss  # noqa: E402
 
 N_WAY, K_SHOT, K_QUERY, TASKS, STEPS, LR = 5, 1, 15, 32, 5, 0.4
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import fastadapt
 from fastadapt.compat import Learner, Meta
+from helpers import shared_data
 from fastadapt.compat import maml_pytorch
 from fastadapt.models import miniimagenet_config, omniglot_config
 
@@ -192,7 +193,6 @@ def test_family_at_the_top_level_and_meta_sgd_rates_in_parameter_order():
 
 
 def test_cli_takes_underscore_flags_and_a_network_config(tmp_path, capsys):
-    from conftest import shared_data
     from fastadapt.checkpoint import load_checkpoint
     from fastadapt.cli import main
 
@@ -211,12 +211,12 @@ def test_cli_takes_underscore_flags_and_a_network_config(tmp_path, capsys):
     assert main(args) == 0
     assert "2 test tasks" in capsys.readouterr().out
     state = load_checkpoint(tmp_path / "run")
-    config = state["config"]
-    assert (config["n_way"], config["k_shot"], config["task_batch"], config["inner_steps_test"]) == (5, 1, 2, 2)
-    assert config["network"] == network and "model.7.weight" in state["model"]
+    data, config = state["config"]["data"], state["config"]
+    assert (data["n_way"], data["k_shot"], data["task_batch"], config["algorithm"]["inner_steps_test"]) == (5, 1, 2, 2)
+    assert config["model"]["network"] == network and "model.7.weight" in state["model"]
     # a network whose output does not match --n-way, and a broken file, are one-line errors
     assert main(args[:-2] + ["--n_way", "3", "--out", str(tmp_path / "bad")]) == 2
-    assert "gives 5 outputs, but --n-way is 3" in capsys.readouterr().err
+    assert "--network ends in a linear layer of 5 outputs, but n_way is 3" in capsys.readouterr().err
     (tmp_path / "broken.json").write_text("[[\"conv9\", []]]")
     assert main(["train", "--network", str(tmp_path / "broken.json"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_data
+from helpers import shared_data
 from fastadapt.data import (EpisodeSampler, Glyphs, ImageFolder, ImageSet, MiniImageNet, Omniglot,
                             maml_protocol)
 from fastadapt.data import omniglot as omniglot_module

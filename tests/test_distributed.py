@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from fastadapt import distributed, experiment
 from fastadapt.evaluate import evaluate
 from fastadapt.train import Trainer
-from test_workflow import InterruptAfter
+from helpers import InterruptAfter
 
 CONFIG = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=16,
               inner_steps=1, inner_steps_test=2, steps=20, eval_every=10, log_every=5, val_episodes=14,
@@ -35,7 +35,7 @@ def join(rank, world, port, timeout_s):
 
 def train(out_dir, ctx=None):
     c = experiment.resolve(CONFIG)
-    torch.manual_seed(c["seed"])
+    torch.manual_seed(c.training.seed)
     learner = experiment.build_learner(c)
     sources = experiment.build_data(c, splits=("train", "val"))
     Trainer(learner, sources["train"], c, out_dir, sources["val"], ctx).fit(progress=False)
@@ -110,7 +110,7 @@ def resume_worker(rank, world, port, out_dir, result):
     torch.set_num_threads(1)
     ctx = join(rank, world, port, timeout_s=120)
     c = experiment.resolve(CONFIG)
-    torch.manual_seed(c["seed"])
+    torch.manual_seed(c.training.seed)
     learner = experiment.build_learner(c)
     sources = experiment.build_data(c, splits=("train", "val"))
     trainer = Trainer(learner, InterruptAfter(sources["train"], 13), c, out_dir, sources["val"], ctx)

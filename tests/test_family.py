@@ -8,8 +8,7 @@ from fastadapt import experiment
 from fastadapt.algorithms import ANIL, MetaSGD
 from fastadapt.evaluate import evaluate
 from fastadapt.train import Trainer
-from reference import forward
-from test_maml import grads_of, image_batch, small_conv4
+from helpers import TINY_ARGS, forward, grads_of, image_batch, small_conv4, write_png
 
 
 def test_meta_sgd_gradient_matches_loop_reference_including_learned_rates():
@@ -198,11 +197,10 @@ def test_every_algorithm_trains_evaluates_and_predicts_from_the_command_line(alg
     from fastadapt.checkpoint import load_checkpoint
     from fastadapt.cli import main
     from fastadapt.data import Glyphs
-    from test_workflow import TINY_ARGS, write_png
 
     run = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--epoch", "2", "--algo", algo, "--out", str(run)]) == 0
-    assert load_checkpoint(run)["config"]["algo"] == algo
+    assert load_checkpoint(run)["config"]["algorithm"]["name"] == algo
     assert main(["eval", str(run), "--episodes", "2"]) == 0
     assert "2 test tasks" in capsys.readouterr().out
     glyphs = Glyphs(num_classes=3, examples_per_class=2, split="test")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_data
+from helpers import shared_data
 from fastadapt.cli import main
 from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine
 

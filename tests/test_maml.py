@@ -6,20 +6,8 @@ import torch.nn.functional as F
 
 import fastadapt
 from fastadapt import MAML, TaskBatch
-from fastadapt.models import Learner, conv4, mlp
-from reference import deepcopy_fine_tune, forward, loop_meta_loss
-
-
-def image_batch(tasks=3, n_way=3, shots=2, queries=3, size=8, channels=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(1)
-    return TaskBatch(torch.rand(tasks, n_way * shots, channels, size, size, generator=g, dtype=dtype),
-                     torch.arange(n_way).repeat_interleave(shots).repeat(tasks, 1),
-                     torch.rand(tasks, n_way * queries, channels, size, size, generator=g, dtype=dtype),
-                     torch.randint(0, n_way, (tasks, n_way * queries), generator=g))
-
-
-def small_conv4(dtype=torch.float64):
-    return conv4(in_channels=1, n_way=3, hidden=4, image_size=8).to(dtype)
+from fastadapt.models import Learner, mlp
+from helpers import deepcopy_fine_tune, forward, grads_of, image_batch, loop_meta_loss, small_conv4
 
 
 def bn_mlp(dtype=torch.float64):
@@ -36,10 +24,6 @@ def vector_batch(tasks=3, n_way=3, shots=2, queries=4, dtype=torch.float64):
 
 
 CASES = {"conv4": (small_conv4, image_batch), "mlp_bn": (bn_mlp, vector_batch)}
-
-
-def grads_of(loss, model):
-    return torch.autograd.grad(loss, list(model.parameters()))
 
 
 def assert_all_close(a, b, rtol, atol=1e-12):

@@ -69,14 +69,14 @@ def test_mlp_shapes():
                                      dict(stride=(1, 2), padding=(2, 1), dilation=2)])
 def test_first_layer_convolution_by_matmul_equals_conv2d_with_gradients_and_under_vmap(options):
     from torch.func import vmap
-    from fastadapt.algorithms.base import _uses_matmul, small_convolutions_by_matmul
+    from fastadapt.algorithms import forward
 
     options = {"bias": False, **options}
     conv = nn.Conv2d(1, 6, 3, **options).double()
-    assert _uses_matmul(conv) and not _uses_matmul(nn.Conv2d(2, 6, 3))
+    assert forward.uses_matmul(conv) and not forward.uses_matmul(nn.Conv2d(2, 6, 3))
     x = torch.rand(4, 1, 9, 11, dtype=torch.float64, requires_grad=True)
     expected = conv(x)
-    with small_convolutions_by_matmul(conv):
+    with forward.applied(conv, forward.ForwardPolicy()):
         assert conv.forward is not nn.Conv2d.forward.__get__(conv)
         got = conv(x)
     assert "forward" not in conv.__dict__  # patch removed on exit
@@ -95,5 +95,5 @@ def test_first_layer_convolution_by_matmul_equals_conv2d_with_gradients_and_unde
         return torch.func.functional_call(conv, p, (xs,))
 
     expected = vmap(run)(params, images)
-    with small_convolutions_by_matmul(conv):
+    with forward.applied(conv, forward.ForwardPolicy()):
         torch.testing.assert_close(vmap(run)(params, images), expected)

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastadapt import MAML
-from reference import forward
-from test_maml import image_batch, small_conv4
+from helpers import TINY_ARGS, forward, image_batch, small_conv4, write_png
 
 
 def bn_names(model):
@@ -146,7 +145,6 @@ def test_cli_mamlpp_trains_with_per_step_bn_and_predicts_one_image_at_a_time(tmp
     from fastadapt.checkpoint import load_checkpoint
     from fastadapt.cli import main
     from fastadapt.data import Glyphs
-    from test_workflow import TINY_ARGS, write_png
 
     run = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--algo", "mamlpp", "--update-step", "2", "--out", str(run)]) == 0
@@ -164,4 +162,4 @@ def test_cli_mamlpp_trains_with_per_step_bn_and_predicts_one_image_at_a_time(tmp
                  "--bn-statistics", "running"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].split(",")[1] in ("class0", "class1", "class2")
     assert main(["train", *TINY_ARGS, "--bn-statistics", "running", "--out", str(tmp_path / "x")]) == 2
-    assert "needs a run trained with --per-step-bn" in capsys.readouterr().err
+    assert "--bn-statistics is 'running', which" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_data
+from helpers import TINY_ARGS, shared_data, write_png
 from fastadapt import Predictor, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastadapt.cli import main
@@ -41,9 +41,9 @@ def extract_episode_files(root, config, dest):
     would unzip them: dest/task<t>/support/<label>-<character>/<file>.png and dest/task<t>/query/.
     Returns the loader's episodes and, per task, {query file name: its true label}."""
     test_set = experiment.build_sets(config)[2]
-    count = config["test_episodes"]
-    sampler = EpisodeSampler(test_set, config["n_way"], config["k_shot"], config["k_query"], count,
-                             seed=config["seed"] + 2)
+    d = config.data
+    count = d.test_episodes
+    sampler = EpisodeSampler(test_set, d.n_way, d.k_shot, d.k_query, count, seed=config.training.seed + 2)
     episodes = experiment.fixed_tasks(config, test_set, count, 2)
     assert len(episodes) == 1
     torch.testing.assert_close(sampler.fixed(1)[0].query_x, episodes[0].query_x, rtol=0, atol=0)
@@ -52,12 +52,12 @@ def extract_episode_files(root, config, dest):
     truth = []
     for task in range(count):
         answers = {}
-        for slot in range(config["n_way"]):
+        for slot in range(d.n_way):
             label = int(labels[task, slot])
             for position, index in enumerate(picks[task, slot]):
                 member = test_set.sources[index].split(".zip:", 1)[1]
                 character = member.split("/")[-2]
-                if position < config["k_shot"]:
+                if position < d.k_shot:
                     target = dest / f"task{task}" / "support" / f"{label}-{character}" / member.split("/")[-1]
                 else:
                     target = dest / f"task{task}" / "query" / member.split("/")[-1]
@@ -79,12 +79,12 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
     state = load_checkpoint(find_checkpoint(run))
     assert find_checkpoint(run).name == "best.pt"
     assert state["transform"]["invert"] is True and state["transform"]["background"] == "dark"
-    config = experiment.resolve(dict(state["config"], bn_statistics=bn_statistics))
+    config = experiment.resolve(experiment.with_bn_statistics(experiment.stored_config(state["config"]), bn_statistics))
     learner = experiment.build_learner(config)
     learner.load_state_dict(state["model"])
     batch, truth = extract_episode_files(root, config, tmp_path / "files")
 
-    steps = config["inner_steps_test"]
+    steps = config.algorithm.inner_steps_test
     evaluated = learner.fine_tune(batch, steps=steps).task_accuracy[:, -1]
     reported = evaluate(learner, [batch], steps)
     predictor = Predictor.load(run, device="cpu", bn_statistics=bn_statistics)
@@ -121,14 +121,6 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
 
 
 # ---------------------------------------------------------------- the rest, on tiny Glyphs runs
-TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
-             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "4",
-             "--eval-every", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet"]
-
-
-def write_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +269,8 @@ def test_checkpoints_store_transform_and_class_names_and_test_json_scores_best(g
     config = experiment.resolve(best["config"])
     learner = experiment.build_learner(config)
     learner.load_state_dict(best["model"])
-    result = evaluate(learner, experiment.build_data(config, splits=("test",))["test"], config["inner_steps_test"])
+    result = evaluate(learner, experiment.build_data(config, splits=("test",))["test"],
+                      config.algorithm.inner_steps_test)
     assert report["accuracy"] == pytest.approx(result.accuracy.tolist(), abs=1e-9)
     last = load_checkpoint(glyph_run / "last.pt")
     assert ("final" in report) == (last["step"] != best["step"])

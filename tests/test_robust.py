@@ -217,7 +217,7 @@ def test_resume_overrides(straight, tmp_path, capsys):
         assert message in capsys.readouterr().err
     # a run saved on a GPU resumes and evaluates on a machine without one
     state = load_checkpoint(run / "last.pt")
-    state["config"]["device"] = "cuda"
+    state["config"]["training"]["device"] = "cuda"
     save_checkpoint(state, run / "last.pt")
     if not torch.cuda.is_available():
         assert main(["train", "--resume", str(run), "--steps", "7"]) == 2
@@ -267,7 +267,7 @@ def test_every_bad_option_is_one_line_and_exit_2(bad, message, tmp_path, capsys)
 def test_cuda_on_a_cpu_build_is_one_line(capsys):
     assert main(["train", *TINY_ARGS, "--device", "cuda"]) == 2
     err = without_warnings(capsys.readouterr().err)
-    assert err.count("\n") == 0 and "--device cuda: CUDA is not available" in err and "--device cpu" in err
+    assert err.count("\n") == 0 and "--device cuda: CUDA is not available" in err and "use device 'cpu'" in err
 
 
 def test_bad_checkpoints_and_images_are_one_line(tmp_path, capsys):

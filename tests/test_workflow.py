@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastadapt import experiment
 from fastadapt.checkpoint import load_checkpoint, save_checkpoint
@@ -17,15 +16,11 @@ from fastadapt.cli import main
 from fastadapt.data import Glyphs
 from fastadapt.evaluate import confidence_interval, evaluate
 from fastadapt.train import Trainer, TrainingDiverged
+from helpers import TINY_ARGS, InterruptAfter, shared_data, write_png
 
 TINY = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=2,
             inner_steps=1, inner_steps_test=2, steps=6, eval_every=3, log_every=2, val_episodes=4,
             test_episodes=4, eval_batch=2, cosine=True, clip_grad=10.0)
-TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
-             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "4",
-             "--eval-every", "2", "--log-every", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet"]
-
-
 def test_confidence_interval_formula():
     values = torch.tensor([[0.2, 1.0], [0.4, 1.0], [0.9, 1.0], [0.5, 1.0]])
     expected = 1.96 * np.std(values.numpy(), axis=0, ddof=1) / math.sqrt(4)
@@ -34,7 +29,7 @@ def test_confidence_interval_formula():
 
 def make_trainer(out_dir, config=None, tasks=None):
     c = experiment.resolve({**TINY, **(config or {})})
-    torch.manual_seed(c["seed"])
+    torch.manual_seed(c.training.seed)
     learner = experiment.build_learner(c)
     sources = experiment.build_data(c, splits=("train", "val"))
     return Trainer(learner, tasks or sources["train"], c, out_dir, sources["val"])
@@ -51,25 +46,6 @@ def test_evaluate_is_deterministic_and_leaves_model_unchanged(tmp_path):
     assert torch.equal(a.accuracy, b.accuracy) and torch.equal(a.loss_ci, b.loss_ci)
     assert all(torch.equal(v, trainer.learner.state_dict()[k]) for k, v in before.items())
     assert "95% confidence interval" in a.table()
-
-
-class InterruptAfter:
-    """A task source that raises KeyboardInterrupt on draw number ``n + 1``."""
-
-    def __init__(self, tasks, n):
-        self.tasks, self.n = tasks, n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.tasks):
-            if i == self.n:
-                raise KeyboardInterrupt
-            yield batch
-
-    def state_dict(self):
-        return self.tasks.state_dict()
-
-    def load_state_dict(self, state):
-        self.tasks.load_state_dict(state)
 
 
 def test_resume_ends_bit_identical_to_uninterrupted_run(tmp_path):
@@ -129,17 +105,13 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
         load_checkpoint(unsafe)
 
 
-def write_png(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
 
 def test_cli_train_eval_predict_plot(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "4 test tasks" in out and (run / "last.pt").is_file() and (run / "test.json").is_file()
-    assert load_checkpoint(run)["config"]["k_shot"] == 1
+    assert load_checkpoint(run)["config"]["data"]["k_shot"] == 1
     timing = json.loads((run / "test.json").read_text())
     assert 0 < timing["meta_iteration_seconds"] * 4 <= timing["train_seconds"]  # 4 steps, validation excluded
 
@@ -169,7 +141,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastadapt train: error:") and "images_background" in err and "\n" not in err
     assert main(["train", "--dataset", "omniglot", "--quiet"]) == 2
-    assert "needs --root" in capsys.readouterr().err
+    assert "--root is needed" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", *TINY_ARGS, "--n-way", "0"]) == 2
@@ -197,8 +169,9 @@ def test_seed_aliases_and_presets_fill_the_config():
     args = build_parser().parse_args(["train", "--preset", "omniglot-20w1s", "--root", "x", "--update-lr", "0.2",
                                       "--imgsz", "28", "--imgc", "1"])
     c = _config_from(args)
-    assert (c["n_way"], c["inner_steps"], c["task_batch"], c["inner_lr"]) == (20, 5, 16, 0.2)
-    assert c["protocol"] == "maml" and c["rotations"] is True
+    d, a = c.data, c.algorithm
+    assert (d.n_way, a.inner_steps, d.task_batch, a.inner_lr, c.training.meta_steps) == (20, 5, 16, 0.2, 60000)
+    assert d.protocol == "maml" and d.rotations is True
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "Finn, Abbeel and Levine" in help_text
 
@@ -230,7 +203,6 @@ def test_tensorboard_flag_without_tensorboard_is_a_clear_error(tmp_path, capsys,
 
 
 def test_cli_trains_on_real_omniglot_minimal_sets(tmp_path, capsys):
-    from conftest import shared_data
     root = shared_data("omniglot/images_background_small2.zip").parent
     shared_data("omniglot/images_background_small1.zip")
     args = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
@@ -241,4 +213,4 @@ def test_cli_trains_on_real_omniglot_minimal_sets(tmp_path, capsys):
     assert main(args) == 0
     assert "4 test tasks" in capsys.readouterr().out
     config = load_checkpoint(tmp_path / "run")["config"]
-    assert config["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["channels"] == 1
+    assert config["data"]["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["data"]["channels"] == 1

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, experiment, models
+from . import algorithms, distributed, experiment, models
 from .checkpoint import RunLock, find_checkpoint, load_checkpoint
+from .config import DATASETS, FLAT_KEYS, ConfigError, RunConfig
 from .evaluate import evaluate
 
 PRESET_HELP = ("MAML paper settings (Finn, Abbeel and Levine, ICML 2017, sec. 5 and app. A.1): "
@@ -30,10 +31,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options of a run; defaults are None so that explicit values override a preset."""
     add = p.add_argument
     add("--preset", choices=sorted(experiment.PRESETS), help=PRESET_HELP)
-    add("--dataset", choices=experiment.DATASETS, help="default glyphs: synthetic, generated offline")
+    add("--dataset", choices=DATASETS, help="default glyphs: synthetic, generated offline")
     add("--root", help="folder of the data set (omniglot: the zips or folders; folder: DIR/train, DIR/val)")
     add("--download", action="store_true", default=None, help="fetch Omniglot's official zips (verified)")
-    add("--algo", choices=sorted(experiment.ALGORITHMS))
+    add("--algo", choices=sorted(algorithms.registered()),
+        help="; ".join(f"{name}: {cls.summary}" for name, cls in sorted(algorithms.registered().items())))
     add("--n-way", "--n_way", dest="n_way", type=int)
     add("--k-shot", "--k-spt", "--k_spt", dest="k_shot", type=int)
     add("--k-query", "--k-qry", "--k_qry", dest="k_query", type=int)
@@ -42,15 +44,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--inner-steps-test", "--update-step-test", "--update_step_test", dest="inner_steps_test", type=int)
     add("--inner-lr", "--update-lr", "--update_lr", dest="inner_lr", type=float)
     add("--meta-lr", "--meta_lr", dest="meta_lr", type=float)
-    add("--outer-lr", type=float, help="Reptile's outer step size (default 1.0)")
-    add("--multi-step-loss", type=int, help="MAML++: anneal per-step query-loss weights over N iterations")
-    add("--lslr", action="store_true", default=None, help="MAML++: learned per-layer per-step inner rates")
-    add("--first-order-until", type=int, help="MAML++: first order for the first N meta-iterations")
-    add("--per-step-bn", action="store_true", default=None,
-        help="MAML++: per-step BatchNorm weights and running statistics")
-    add("--bn-statistics", choices=["batch", "running"],
-        help="BatchNorm: each batch's own statistics (default) or per-step running ones (needs --per-step-bn)")
-    add("--steps", "--epoch", dest="steps", type=int, help="meta-iterations (with --resume: extend the run to N)")
+    _add_algorithm_options(p)
+    add("--steps", "--epoch", dest="meta_steps", type=int,
+        help="meta-iterations (with --resume: extend the run to N)")
     add("--eval-every", type=int, help="validate (and save last.pt, best.pt) every N meta-iterations")
     add("--log-every", type=int, help="write per-step accuracy to metrics.jsonl every N meta-iterations")
     add("--checkpoint-every", type=float, metavar="SECONDS",
@@ -83,11 +79,45 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     add("--protocol", choices=["maml", "official"], help="Omniglot: 'maml' = 1200/423 character split")
     add("--glyph-classes", type=int)
     add("--dtype", choices=["float32", "float64"])
+    add("--task-chunk", type=_task_chunk, help="tasks vmapped together: auto (by device), all, or a number")
+    add("--compile", action="store_true", default=None, help="torch.compile the meta-step (CPU; slow to start)")
 
 
-def _config_from(args) -> dict:
-    keys = set(experiment.DEFAULTS)
-    explicit = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+def _task_chunk(text: str):
+    if text in ("auto", "all"):
+        return "auto" if text == "auto" else None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or a number, got {text!r}") from None
+
+
+def _add_algorithm_options(p: argparse.ArgumentParser) -> None:
+    """The flags of every registered algorithm's own options (an option several declare is added once)."""
+    seen = set()
+    for cls in algorithms.registered().values():
+        for option in cls.options:
+            if option.name in seen:
+                continue
+            seen.add(option.name)
+            flag = "--" + option.name.replace("_", "-")
+            if option.type is bool:
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+            else:
+                p.add_argument(flag, type=option.type, default=None, choices=option.choices or None, help=option.help)
+
+
+def _run_keys() -> set:
+    return set(FLAT_KEYS) | experiment.option_names()
+
+
+def _explicit(args) -> dict:
+    """The run options given on the command line (argparse's defaults are None)."""
+    return {k: v for k, v in vars(args).items() if k in _run_keys() and v is not None}
+
+
+def _config_from(args) -> RunConfig:
+    explicit = _explicit(args)
     if explicit.get("network") is not None:
         explicit["network"] = models.load_network_config(explicit["network"])
     preset = experiment.PRESETS.get(args.preset, {}) if args.preset else {}
@@ -95,22 +125,22 @@ def _config_from(args) -> dict:
 
 
 # What --resume may change; everything else about a run is fixed when it starts.
-RESUME_OVERRIDES = ("steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit")
+RESUME_OVERRIDES = ("meta_steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit")
 
 
-def _resume_config(args):
+def _resume_config(args, flags):
     """The stored configuration with the overrides --resume allows; the others are refused."""
     state = load_checkpoint(args.resume)
-    explicit = {k: v for k, v in vars(args).items() if k in experiment.DEFAULTS and v is not None}
-    refused = [f"--{k.replace('_', '-')}" for k in sorted(set(explicit) - set(RESUME_OVERRIDES))]
+    explicit = _explicit(args)
+    refused = [flags.get(k, k) for k in sorted(set(explicit) - set(RESUME_OVERRIDES))]
     refused += ["--preset"] if args.preset else []
     if refused:
-        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_OVERRIDES)
+        allowed = ", ".join(flags[k] for k in RESUME_OVERRIDES)
         raise ValueError(f"--resume continues a run as it was configured, so {', '.join(refused)} cannot be given "
                          f"(with --resume you may give {allowed})")
-    if "steps" in explicit and explicit["steps"] < state["step"]:
-        raise ValueError(f"--steps {explicit['steps']}: the run is already at step {state['step']}")
-    config = experiment.resolve({**state["config"], **explicit})
+    if "meta_steps" in explicit and explicit["meta_steps"] < state["step"]:
+        raise ValueError(f"--steps {explicit['meta_steps']}: the run is already at step {state['step']}")
+    config = experiment.resolve(experiment.stored_config(state["config"]).updated(explicit))
     return config, args.out or (Path(args.resume).parent if Path(args.resume).is_file() else args.resume)
 
 
@@ -130,23 +160,24 @@ def _warn_if_busy() -> None:
                       "faster here", stacklevel=2)
 
 
-def _default_run_folder(config) -> str:
+def _default_run_folder(config: RunConfig) -> str:
     """runs/<data>-<task>-<time>-<pid>: two runs started in the same second differ by process."""
-    task = f"k{config['k_shot']}" if config["dataset"] == "sinusoid" else f"{config['n_way']}w{config['k_shot']}s"
-    return f"runs/{config['dataset']}-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    d = config.data
+    task = f"k{d.k_shot}" if d.dataset == "sinusoid" else f"{d.n_way}w{d.k_shot}s"
+    return f"runs/{d.dataset}-{task}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def cmd_train(args) -> int:
     if args.resume:
-        config, out = _resume_config(args)
+        config, out = _resume_config(args, args.flags)
     else:
         config = _config_from(args)
         out = args.out or _default_run_folder(config)
     out = Path(out)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    ctx = distributed.init(config["device"])
-    config = dict(config, device=distributed.device_for(config["device"]))
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    ctx = distributed.init(config.training.device)
+    config.training.device = distributed.device_for(config.training.device)
     with RunLock(out) if ctx.is_main else contextlib.nullcontext():
         return _train(args, config, out, ctx)
 
@@ -154,7 +185,7 @@ def cmd_train(args) -> int:
 def _train(args, config, out: Path, ctx) -> int:
     from .train import Stopped, Trainer, TrainingDiverged, stop_on_signals
 
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.training.seed)
     learner = experiment.build_learner(config)
     sources = experiment.build_data(config)
     writer = None
@@ -169,16 +200,16 @@ def _train(args, config, out: Path, ctx) -> int:
         trainer.resume(args.resume)
         trainer.truncate_metrics()
         if trainer.scheduler is not None:  # --steps may have extended the run: the cosine spans it all
-            trainer.scheduler.T_max = config["steps"]
+            trainer.scheduler.T_max = config.training.meta_steps
     say = print if ctx.is_main else (lambda *a, **k: None)
-    if ctx.is_main and config["device"] == "cpu" and not config["threads"]:
+    if ctx.is_main and config.training.device == "cpu" and not config.training.threads:
         _warn_if_busy()
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     workers = f", {ctx.world_size} processes" if ctx.enabled else ""
-    task = (f"regression, K={config['k_shot']}" if config["dataset"] == "sinusoid"
-            else f"{config['n_way']}-way {config['k_shot']}-shot")
-    say(f"run folder {out}  ({config['dataset']}, {config['algo']}, {task}{workers})")
+    d = config.data
+    task = f"regression, K={d.k_shot}" if d.dataset == "sinusoid" else f"{d.n_way}-way {d.k_shot}-shot"
+    say(f"run folder {out}  ({d.dataset}, {config.algorithm.name}, {task}{workers})")
     start = time.perf_counter()
     progress = not args.quiet and ctx.is_main
     with stop_on_signals(trainer):
@@ -220,7 +251,8 @@ def _final_test(trainer, tasks, config, progress: bool):
     should_stop = None if trainer.dist.enabled else (lambda: trainer.stop_request is not None)
 
     def test(desc):
-        result = evaluate(learner, tasks, config["inner_steps_test"], device=config["device"], progress=progress,
+        result = evaluate(learner, tasks, config.algorithm.inner_steps_test, device=config.training.device,
+                          progress=progress,
                           desc=desc, should_stop=should_stop)
         if result is None:
             raise Stopped(*trainer.stop_request)
@@ -248,42 +280,32 @@ def _final_summary(result) -> str:
 def cmd_eval(args) -> int:
     path = find_checkpoint(args.checkpoint)
     state = load_checkpoint(path)
-    config = dict(state["config"])
-    for key in ("dataset", "root"):
-        if getattr(args, key) is not None:
-            config[key] = getattr(args, key)
-    if args.split is not None:
-        config["test_split"] = args.split
-    if args.alphabets is not None:
-        config["test_alphabets"] = args.alphabets
-    if args.episodes is not None:
-        config["test_episodes"] = args.episodes
+    stored = experiment.stored_config(state["config"])
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
-    config["device"] = args.device or experiment.usable_device(config.get("device", "cpu"))
-    if args.bn_statistics is not None:
-        config["bn_statistics"] = args.bn_statistics
-    if args.threads is not None:
-        config["threads"] = args.threads
-    config = experiment.resolve(config)
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
-    steps = args.inner_steps_test if args.inner_steps_test is not None else config["inner_steps_test"]
+    changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.alphabets,
+                   test_episodes=args.episodes, threads=args.threads,
+                   device=args.device or experiment.usable_device(stored.training.device))
+    config = experiment.resolve(experiment.with_bn_statistics(stored.updated(changes), args.bn_statistics))
+    if config.training.threads:
+        torch.set_num_threads(config.training.threads)
+    steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
     if steps < 0:
         raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
     learner = _load_learner(config, state, path)
     if args.protocol == "lake":
-        if config["algo"] == "protonet":
+        if config.algorithm.name == "protonet":
             learner.n_way = 20
-        elif config["n_way"] != 20:
-            raise ValueError(f"--protocol lake is 20-way; {path} is a {config['n_way']}-way model "
+        elif config.data.n_way != 20:
+            raise ValueError(f"--protocol lake is 20-way; {path} is a {config.data.n_way}-way model "
                              "(its output layer has that many units; a protonet run takes any number)")
         tasks = experiment.lake_tasks(config, args.split or "background_small2", args.alphabets,
-                                      config["test_episodes"])
+                                      config.data.test_episodes)
         print("Lake et al.'s protocol: 20-way 1-shot within one alphabet, support and queries by different drawers")
     else:
         tasks = experiment.build_data(config, splits=("test",))["test"]
     print(f"{path} (step {state.get('step', '?')}):")
-    print(evaluate(learner, tasks, steps, device=config["device"], progress=not args.quiet, desc="evaluate").table())
+    print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
+                   desc="evaluate").table())
     return 0
 
 
@@ -389,8 +411,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each run option's default (from experiment.DEFAULTS) to its help; the parser's own
-    defaults are None so that presets and stored configurations are not overridden."""
+    """Append each run option's default (the configuration dataclasses') to its help; the parser's
+    own defaults are None so that presets and stored configurations are not overridden."""
+    defaults = RunConfig().flat()
+
     def shown(dest, default):
         if default is None:
             return "depends on --dataset" if dest in ("image_size", "channels", "hidden") else "off"
@@ -399,9 +423,21 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
         return default
 
     for action in parser._actions:
-        if action.dest in experiment.DEFAULTS and action.help is not argparse.SUPPRESS:
-            default = shown(action.dest, experiment.DEFAULTS[action.dest])
-            action.help = f"{action.help or ''} (default: {default})".strip()
+        if action.dest in defaults and action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} (default: {shown(action.dest, defaults[action.dest])})".strip()
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict:
+    """Configuration key -> the flag that sets it, over every subcommand (for error messages)."""
+    flags = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for key, flag in _flags(sub).items():
+                    flags.setdefault(key, flag)
+        elif action.option_strings:
+            flags.setdefault(action.dest, action.option_strings[0])
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
     ev.add_argument("--episodes", type=int, help="test tasks (default: the run's, 600)")
     ev.add_argument("--inner-steps-test", type=int)
-    ev.add_argument("--dataset", choices=experiment.DATASETS)
+    ev.add_argument("--dataset", choices=DATASETS)
     ev.add_argument("--root")
     ev.add_argument("--split", help="test split to evaluate on (with --protocol lake: default background_small2)")
     ev.add_argument("--protocol", choices=["lake"],
@@ -473,6 +509,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    args.flags = _flags(parser)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"fastadapt {args.command}: warning: {message}", file=sys.stderr)
@@ -481,6 +518,12 @@ def main(argv=None) -> int:
         warnings.showwarning = show_warning
         try:
             return args.run(args)
+        except ConfigError as error:
+            if debug:
+                raise
+            print(f"fastadapt {args.command}: error: {args.flags.get(error.key, error.key)} {error.message}",
+                  file=sys.stderr)
+            return 2
         except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, OSError) as error:
             if debug:
                 raise

@@ -88,30 +88,27 @@ class Predictor:
         path = find_checkpoint(checkpoint)
         state = load_checkpoint(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        stored = dict(state["config"])
+        stored = experiment.stored_config(state["config"])
         if learner is None:
-            config = dict(stored, device=str(device))
-            if bn_statistics is not None:
-                config["bn_statistics"] = bn_statistics
-            config = experiment.resolve(config)
-            if config["dataset"] == "sinusoid":
+            config = experiment.resolve(experiment.with_bn_statistics(stored.updated(dict(device=str(device))),
+                                                                      bn_statistics))
+            if config.data.dataset == "sinusoid":
                 raise ValueError(f"{path}: a sinusoid regressor; Predictor classifies images")
             learner = experiment.build_learner(config)
-            n_way = config["n_way"]
+            n_way = config.data.n_way
         else:
             if bn_statistics is not None:
                 learner.bn_statistics = bn_statistics
             n_way = _output_size(learner)
-            config = stored
         if state.get("transform"):
             transform = ImageTransform.from_dict(state["transform"])
-        elif "dataset" in config:
-            transform = experiment.default_transform(experiment.resolve(dict(config, device="cpu")))
-            warnings.warn(f"{path} stores no preprocessing (an older checkpoint); reading images as "
-                          f"{config['dataset']} files: {transform.channels} channel(s), {transform.image_size}px, "
-                          f"invert={transform.invert}", stacklevel=2)
         else:
-            raise ValueError(f"{path} stores no preprocessing and no data set to take it from")
+            transform = experiment.default_transform(experiment.resolve(stored.updated(dict(device="cpu"))))
+            if transform is None:
+                raise ValueError(f"{path} stores no preprocessing and its data set ({stored.data.dataset}) has none")
+            warnings.warn(f"{path} stores no preprocessing (an older checkpoint); reading images as "
+                          f"{stored.data.dataset} files: {transform.channels} channel(s), {transform.image_size}px, "
+                          f"invert={transform.invert}", stacklevel=2)
         if invert is not None:
             transform = transform.replace(invert=bool(invert))
         try:
@@ -120,7 +117,7 @@ class Predictor:
             raise ValueError(f"{path}: its weights do not fit this model ({str(error).splitlines()[-1].strip()})") \
                 from error
         learner.to(device)
-        steps = stored.get("inner_steps_test", learner.inner_steps) if inner_steps is None else inner_steps
+        steps = stored.algorithm.inner_steps_test if inner_steps is None else inner_steps
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
         return cls(learner, transform, n_way, steps, device)

@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
 from .evaluate import evaluate
+from .version import __version__
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,10 +70,24 @@ def stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGH
             signal.signal(number, old)
 
 
+def run_config(config, learner) -> RunConfig:
+    """A ``RunConfig`` from one, or from a flat or nested dict (``dict(meta_lr=1e-3, steps=50)``),
+    with its training settings and the options of ``learner``'s algorithm checked."""
+    config = RunConfig.from_dict(config.to_dict() if isinstance(config, RunConfig) else config)
+    config.training.check()
+    config.algorithm.check(type(learner).accepted_options())
+    return config
+
+
 class Trainer:
-    def __init__(self, learner, tasks, config: dict, out_dir=None, val_tasks=None, dist_context=None,
+    """Meta-trains ``learner`` on the meta-batches of ``tasks`` as ``config`` (a ``RunConfig``, or a
+    dict of its flat keys) says; the whole configuration is stored in every checkpoint."""
+
+    def __init__(self, learner, tasks, config, out_dir=None, val_tasks=None, dist_context=None,
                  writer=None, transform=None, class_names=None):
-        self.learner, self.tasks, self.config = learner, tasks, dict(config)
+        self.learner, self.tasks = learner, tasks
+        self.config = run_config(config, learner)
+        t = self.training = self.config.training
         # What turned files into the training tensors, and the training classes: stored in every
         # checkpoint so prediction reads a user's files the same way. By default the task
         # source's data set's (an EpisodeSampler's).
@@ -83,11 +99,11 @@ class Trainer:
         self.dist = dist_context or distributed.current()
         self.val_tasks = val_tasks
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.device = torch.device(config.get("device", "cpu"))
+        self.device = torch.device(t.device)
         self.dtype = next(learner.parameters()).dtype
-        self.optimizer = learner.make_optimizer(config["meta_lr"])
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["steps"])
-                          if config.get("cosine") else None)
+        self.optimizer = learner.make_optimizer(t.meta_lr)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.meta_steps)
+                          if t.cosine else None)
         self.step = 0
         # time in the meta-iterations this process ran (validation excluded), and how many it ran
         self.step_seconds, self.steps_run = 0.0, 0
@@ -101,11 +117,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        from . import __version__
         return {
             "model": self.learner.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "step": self.step, "best": self.best, "config": self.config, "rng": torch.get_rng_state(),
+            "step": self.step, "best": self.best, "config": self.config.to_dict(), "rng": torch.get_rng_state(),
             "tasks": self._tasks_state, "version": __version__, "best_step": self.best_step,
             "validated_step": self.validated_step, "first_loss": self.first_loss,
             "transform": self.transform.to_dict() if self.transform is not None else None,
@@ -182,14 +197,14 @@ class Trainer:
         temporary.replace(path)
 
     def _validation_due(self) -> bool:
-        c = self.config
-        return bool(self.val_tasks) and self.step > 0 and (self.step % c["eval_every"] == 0 or self.step == c["steps"])
+        t = self.training
+        return bool(self.val_tasks) and self.step > 0 and (self.step % t.eval_every == 0 or self.step == t.meta_steps)
 
     def validate(self, progress: bool = False):
         # a stop asked for during validation is taken between batches (not under torch.distributed,
         # where the ranks share the batches); the step is then validated again on resume
         should_stop = None if self.dist.enabled else (lambda: self.stop_request is not None)
-        result = evaluate(self.learner, self.val_tasks, self.config["inner_steps_test"], device=self.device,
+        result = evaluate(self.learner, self.val_tasks, self.config.algorithm.inner_steps_test, device=self.device,
                           progress=progress and self.dist.is_main, desc=f"validate @ {self.step}",
                           should_stop=should_stop)
         if result is None:
@@ -210,18 +225,16 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _diverged(self, what: str, inner: bool = False) -> TrainingDiverged:
         """The error for a diverged run: what diverged, which option to lower, which file is kept."""
-        c = self.config
+        inner_lr, meta_lr = self.config.algorithm.inner_lr, self.training.meta_lr
         last = self.out_dir / "last.pt" if self.out_dir is not None else None
         if last is not None and last.is_file():
             kept = f"; {last} (step {load_checkpoint(last)['step']}) holds the last finite weights"
         else:
             kept = "; no checkpoint was written before it"
         if inner:
-            advice = f"lower --inner-lr (now {c.get('inner_lr', '?'):g})"
+            advice = f"lower --inner-lr (now {inner_lr:g})"
         else:
-            advice = (f"lower --meta-lr (now {c['meta_lr']:g})"
-                      + (f" or --inner-lr (now {c['inner_lr']:g})" if "inner_lr" in c else "")
-                      + ", or clip with --clip-grad")
+            advice = f"lower --meta-lr (now {meta_lr:g}) or --inner-lr (now {inner_lr:g}), or clip with --clip-grad"
         step = self.step if inner else self.step + 1
         return TrainingDiverged(f"{what} at step {step}: {advice}{kept}")
 
@@ -245,20 +258,20 @@ class Trainer:
         raise Stopped(reason, code)
 
     def fit(self, progress: bool = True) -> "Trainer":
-        c = self.config
+        t = self.training
         if self.out_dir is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if c.get("threads"):
-            torch.set_num_threads(c["threads"])
-        time_limit, every = c.get("time_limit"), c.get("checkpoint_every", 300.0)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        time_limit, every = t.time_limit, t.checkpoint_every
         started = self._saved_at = time.monotonic()
-        bar = tqdm(total=c["steps"], initial=self.step, disable=not (progress and self.dist.is_main),
+        bar = tqdm(total=t.meta_steps, initial=self.step, disable=not (progress and self.dist.is_main),
                    desc="meta-train", dynamic_ncols=True)
         try:
             if self._validation_due() and self.validated_step < self.step:  # it was interrupted
                 self._validate_and_save(bar, progress)
             stream = iter(self.tasks)
-            while self.step < c["steps"]:
+            while self.step < t.meta_steps:
                 if time_limit is not None and time.monotonic() - started >= time_limit and self.stop_request is None:
                     self.request_stop(f"time limit of {time_limit:g} s", 0)
                 if self._stop_now():
@@ -268,15 +281,15 @@ class Trainer:
                 if self.dist.enabled:
                     batch = batch[distributed.task_slice(batch.num_tasks, self.dist)]
                 batch = batch.to(self.device, self.dtype)
-                logging = (self.step + 1) % c["log_every"] == 0
+                logging = (self.step + 1) % t.log_every == 0
                 self.optimizer.zero_grad(set_to_none=True)
                 self.learner.on_step(self.step)
                 out = self.learner.meta_backward(batch, per_step=logging)
                 distributed.average_gradients(self.learner.parameters(), self.dist)
                 loss = distributed.average(out.loss, self.dist).item()
                 self._check_loss(loss)
-                if c.get("clip_grad"):
-                    torch.nn.utils.clip_grad_norm_(self.learner.parameters(), c["clip_grad"])
+                if t.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(self.learner.parameters(), t.clip_grad)
                 self.optimizer.step()
                 if not self.weights_finite():
                     raise self._diverged("the meta-parameters became non-finite")

@@ -1,10 +1,30 @@
-"""Meta-learning algorithms: each is an inner loop over one task, on the shared vectorised engine."""
+"""Meta-learning algorithms: each is an inner loop over one task, on the shared vectorised engine.
 
-from .base import MetaLearner, MetaOutput, batch_statistics
+Every module of this package is imported here, so an algorithm in a new file registers itself
+(``engine.registered()``) without being listed anywhere.
+"""
+
+import importlib
+import pkgutil
+
+from . import forward
+from .engine import MetaLearner, MetaOutput, registered
 from .anil import ANIL
-from .maml import MAML
+from .maml import MAML, FirstOrderMAML
+from .mamlpp import MAMLPlusPlus
 from .metasgd import MetaSGD
 from .protonet import ProtoNet
 from .reptile import Reptile
 
-__all__ = ["MetaLearner", "MetaOutput", "MAML", "MetaSGD", "ANIL", "Reptile", "ProtoNet", "batch_statistics"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def batch_statistics(model):
+    """Run ``model``'s BatchNorm layers with each batch's statistics, touching no running statistics
+    (the engine's default policy), for a plain forward pass outside the engine."""
+    return forward.applied(model, forward.ForwardPolicy(matmul_convolutions=False))
+
+
+__all__ = ["MetaLearner", "MetaOutput", "MAML", "FirstOrderMAML", "MAMLPlusPlus", "MetaSGD", "ANIL", "Reptile",
+           "ProtoNet", "batch_statistics", "registered", "forward"]

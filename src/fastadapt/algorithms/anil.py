@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
-from .base import _exact_batch_norm, detach
+from .engine import detach
 from .maml import MAML
 
 
@@ -16,35 +15,39 @@ class ANIL(MAML):
     ``head(body(x))`` with the body in a submodule named ``body`` (``conv4`` and ``mlp`` call
     them ``features`` and ``head``)."""
 
+    name = "anil"
+    summary = "ANIL (Raghu et al. 2019): only the head adapts"
+
+    @classmethod
+    def accepted_options(cls):
+        return cls.options
+
+    @classmethod
+    def from_config(cls, model, config):
+        a = config.algorithm
+        return cls(model, a.inner_lr, a.inner_steps, a.first_order, loss=config.loss, task_chunk=a.task_chunk,
+                   compile=a.compile)
+
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, head: str = "head",
-                 body: str = "features"):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile)
+                 body: str = "features", classification=None):
+        super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile, classification)
         for part in (head, body):
             if not hasattr(model, part):
                 raise ValueError(f"ANIL: the model has no submodule {part!r} (pass head=/body= names)")
         self.head_name, self.body_name = head, body
 
-    def _part(self, params, part):
-        prefix = part + "."
-        return {n[len(prefix):]: w for n, w in params.items() if n.startswith(prefix)}
-
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
         yield params
-        head_module, body_module = getattr(self.model, self.head_name), getattr(self.model, self.body_name)
-        body_params = self._part(params, self.body_name)
-        body_buffers = self._part(buffers, self.body_name)
-        if create_graph:
-            with _exact_batch_norm():
-                features = functional_call(body_module, (body_params, body_buffers), (support_x,))
-        else:
-            features = functional_call(body_module, (detach(body_params), body_buffers), (support_x,))
-        head = self._part(params, self.head_name)
+        body = params if create_graph else detach(params)
+        features = self.forward_with(body, buffers, support_x, part=self.body_name, twice_differentiable=create_graph)
+        prefix = self.head_name + "."
+        head = {n: w for n, w in params.items() if n.startswith(prefix)}
 
         def head_loss(h):
-            return self.loss_fn(functional_call(head_module, h, (features,)), support_y)
+            return self.loss_fn(self.forward_with(h, buffers, features, part=self.head_name), support_y)
 
         for _ in range(steps):
             grads = torch.func.grad(head_loss)(head if create_graph else detach(head))
             head = {n: w - self.inner_lr * grads[n] for n, w in head.items()}
-            yield {**params, **{f"{self.head_name}.{n}": w for n, w in head.items()}}
+            yield {**params, **head}

@@ -1,15 +1,11 @@
-"""MAML (Finn, Abbeel and Levine, ICML 2017), first-order MAML, and the MAML++ options."""
+"""MAML (Finn, Abbeel and Levine, ICML 2017) and first-order MAML."""
 
 from __future__ import annotations
 
-from typing import Optional
+from .engine import MetaLearner
 
-import torch
-from torch import nn
-from torch.func import vmap
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from .base import MetaLearner, MetaOutput, _collect_batch_statistics, detach
+# MAML's keyword arguments for MAML++ options, from before MAML++ had its own class.
+_PLUS_PLUS_KEYWORDS = ("multi_step_loss", "lslr", "first_order_until", "per_step_bn", "bn_statistics", "bn_momentum")
 
 
 class MAML(MetaLearner):
@@ -20,178 +16,63 @@ class MAML(MetaLearner):
     ``first_order=False`` (default) the meta-gradient differentiates through the inner steps
     (second order); ``first_order=True`` treats the inner gradients as constants (FOMAML).
 
-    MAML++ (Antoniou, Edwards and Storkey, ICLR 2019) options, each usable alone:
-
-    - ``multi_step_loss=N``: the meta-loss weighs the query loss after every step, starting
-      uniform and annealed over N meta-iterations towards the last step (the paper's schedule:
-      earlier steps decay to 0.03/steps each, the last grows to take the rest);
-    - ``lslr=True``: a learned inner learning rate per parameter tensor and per step, initialised
-      to ``inner_lr`` (test-time steps beyond ``inner_steps`` reuse the last step's rates);
-    - ``first_order_until=N``: derivative-order annealing, first order for the first N
-      meta-iterations and second order after;
-    - ``per_step_bn=True``: per-step BatchNorm weights and biases, meta-learned and not adapted
-      in the inner loop (the pass at step 0 uses the model's own; steps 1.. have their own rows),
-      and per-step running statistics, recorded while meta-training (an exponential average,
-      momentum ``bn_momentum``, of the statistics of the passes that use each step's row, over
-      the first chunk of each meta-batch). They are used when ``bn_statistics="running"``: every pass at
-      step s then normalises with step s's statistics instead of its own batch's, so a single
-      image is classified the same alone or in a batch (non-transductive). The default,
-      ``"batch"``, keeps the transductive policy. The pass that scores the weights after step
-      s+1 uses step s's entries; test-time steps past ``inner_steps`` reuse the last;
-    - cosine annealing of the meta learning rate is the Trainer's ``cosine`` option.
+    ``MAML(..., lslr=True)`` and the other MAML++ keywords build a ``MAMLPlusPlus`` with just those
+    options on (how MAML++ was written before it had its own class).
 
     >>> import fastadapt
     >>> maml = fastadapt.MAML(fastadapt.models.mlp(), inner_lr=0.01, inner_steps=1, loss="mse")
     """
 
+    name = "maml"
+    summary = "second-order MAML (Finn et al. 2017)"
+
+    def __new__(cls, *args, **kwargs):
+        if cls is MAML and any(key in kwargs for key in _PLUS_PLUS_KEYWORDS):
+            from .mamlpp import MAMLPlusPlus
+            return super().__new__(MAMLPlusPlus)
+        return super().__new__(cls)
+
+    @classmethod
+    def accepted_options(cls):
+        from .mamlpp import MAMLPlusPlus
+        return MAMLPlusPlus.options
+
+    @classmethod
+    def from_config(cls, model, config):
+        a = config.algorithm
+        if any(a.options.get(key) for key in _PLUS_PLUS_KEYWORDS):
+            from .mamlpp import MAMLPlusPlus  # --algo maml --lslr: MAML with chosen MAML++ options
+            return MAMLPlusPlus.from_config(model, config, everything=False, first_order=cls is FirstOrderMAML)
+        return cls(model, a.inner_lr, a.inner_steps, first_order=a.first_order or cls is FirstOrderMAML,
+                   loss=config.loss, task_chunk=a.task_chunk, compile=a.compile)
+
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
-                 loss="cross_entropy", task_chunk="auto", compile: bool = False, multi_step_loss: int = 0,
-                 lslr: bool = False, first_order_until: int = 0, per_step_bn: bool = False,
-                 bn_statistics: str = "batch", bn_momentum: float = 0.1):
-        super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile)
+                 loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):
+        super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile,
+                         classification=classification)
         if not inner_lr > 0:
             raise ValueError(f"inner_lr must be positive, got {inner_lr!r}")
         self.inner_lr = float(inner_lr)
         self.first_order = bool(first_order)
-        self.multi_step_loss, self.first_order_until = int(multi_step_loss), int(first_order_until)
-        self.step_lrs: Optional[nn.Parameter] = None
-        if lslr:
-            tensors = len(list(model.parameters()))
-            self.step_lrs = nn.Parameter(torch.full((max(inner_steps, 1), tensors), self.inner_lr))
-        self.per_step_bn = bool(per_step_bn)
-        self.bn_momentum = float(bn_momentum)
-        self.bn_statistics = bn_statistics
-        self._bn_names = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-        if self.per_step_bn:
-            self._init_per_step_bn(model)
-
-    def _init_per_step_bn(self, model) -> None:
-        if not self._bn_names:
-            raise ValueError("per_step_bn=True: the model has no BatchNorm layer")
-        rows = max(self.inner_steps, 1)
-        modules = dict(model.named_modules())
-        weights, biases = [], []
-        for index, name in enumerate(self._bn_names):
-            bn = modules[name]
-            if not bn.affine:
-                raise ValueError(f"per_step_bn=True: BatchNorm layer {name!r} has no weights (affine=False)")
-            weights.append(nn.Parameter(bn.weight.detach().repeat(rows - 1, 1)))
-            biases.append(nn.Parameter(bn.bias.detach().repeat(rows - 1, 1)))
-            self.register_buffer(f"bn_running_mean_{index}", torch.zeros(rows, bn.num_features))
-            self.register_buffer(f"bn_running_var_{index}", torch.ones(rows, bn.num_features))
-        self.bn_step_weights, self.bn_step_biases = nn.ParameterList(weights), nn.ParameterList(biases)
-
-    @property
-    def bn_statistics(self) -> str:
-        return self._bn_statistics
-
-    @bn_statistics.setter
-    def bn_statistics(self, value: str) -> None:
-        if value not in ("batch", "running"):
-            raise ValueError(f"bn_statistics must be 'batch' or 'running', got {value!r}")
-        if value == "running" and not self.per_step_bn:
-            raise ValueError("bn_statistics='running' needs per_step_bn=True (the statistics it reads are "
-                             "recorded per step during meta-training)")
-        self._bn_statistics = value
-
-    def uses_running_statistics(self) -> bool:
-        return self._bn_statistics == "running"
-
-    def step_view(self, params, step):
-        if not self.per_step_bn:
-            return params
-        row = min(step, max(self.inner_steps, 1) - 1)
-        view = dict(params)
-        for index, name in enumerate(self._bn_names):
-            if row > 0:
-                view[f"{name}.weight"] = self.bn_step_weights[index][row - 1]
-                view[f"{name}.bias"] = self.bn_step_biases[index][row - 1]
-            if self._bn_statistics == "running":
-                view[f"{name}.running_mean"] = getattr(self, f"bn_running_mean_{index}")[row]
-                view[f"{name}.running_var"] = getattr(self, f"bn_running_var_{index}")[row]
-        return view
-
-    def _adapted(self, name: str) -> bool:
-        """Whether the inner loop updates the parameter ``name`` (per-step BatchNorm weights are
-        chosen per step instead)."""
-        return not (self.per_step_bn and name.rpartition(".")[0] in self._bn_names)
-
-    @torch.no_grad()
-    def record_statistics(self, batch) -> None:
-        """Fold the BatchNorm statistics of every pass that uses step s's row into row s of the
-        per-step running statistics, over the first chunk of ``batch`` (first-order steps; no graph).
-
-        Row s serves two passes: the support pass at step s (weights after s steps) and the pass
-        that scores the weights after step s+1 (the query set). Both are recorded and averaged,
-        as MAML++'s own code folds both into the running statistics; recording the support passes
-        alone normalised the scoring passes with statistics of the weights before the step, and
-        running-statistics accuracy fell apart (40.7% -> 29.8% over two steps where batch statistics
-        gave 75.2%, Omniglot 5-way 1-shot, 150 iterations)."""
-        chunk = self._chunk_size(batch)
-        part = batch[:chunk] if chunk else batch
-        params, buffers = detach(self.meta_params()), self.model_buffers()
-        rows = max(self.inner_steps, 1)
-        mode, self._bn_statistics = self._bn_statistics, "batch"
-
-        def statistics_of_one_task(support_x, support_y, query_x):
-            weights = list(self.inner_loop(params, buffers, support_x, support_y, rows, False))
-            means, variances = [], []
-            for step in range(rows):
-                with _collect_batch_statistics() as support:
-                    self.forward_with(self.step_view(weights[step], step), buffers, support_x)
-                with _collect_batch_statistics() as scoring:  # weights[step + 1] carries row ``step``
-                    self.forward_with(weights[step + 1], buffers, query_x)
-                means.append([(a[0] + b[0]) / 2 for a, b in zip(support, scoring)])
-                variances.append([(a[1] + b[1]) / 2 for a, b in zip(support, scoring)])
-            layers = len(self._bn_names)
-            return ([torch.stack([m[i] for m in means]) for i in range(layers)],
-                    [torch.stack([v[i] for v in variances]) for i in range(layers)])
-
-        try:
-            with self.forward_context():
-                means, variances = vmap(statistics_of_one_task, randomness="different")(
-                    part.support_x, part.support_y, part.query_x)
-        finally:
-            self._bn_statistics = mode
-        for index in range(len(self._bn_names)):
-            for kind, values in (("mean", means[index]), ("var", variances[index])):
-                running = getattr(self, f"bn_running_{kind}_{index}")
-                running.lerp_(values.mean(0).to(running.dtype), self.bn_momentum)
-
-    def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
-        if self.per_step_bn and self.training and torch.is_grad_enabled():
-            self.record_statistics(batch)
-        return super().meta_loss(batch, per_step)
-
-    def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
-        if self.per_step_bn and self.training:
-            self.record_statistics(batch)
-        return super().meta_backward(batch, per_step)
 
     def create_graph(self) -> bool:
-        return not self.first_order and self.iteration >= self.first_order_until
-
-    def step_loss_weights(self, steps: int) -> Optional[torch.Tensor]:
-        if not self.multi_step_loss or steps <= 1:
-            return None  # one step: the multi-step loss is the plain one
-        progress = min(self.iteration / self.multi_step_loss, 1.0)
-        floor = 0.03 / steps
-        weights = torch.full((steps,), max((1.0 - progress) / steps, floor))
-        weights[-1] = min(1.0 / steps + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
-        return weights.to(next(iter(self.model.parameters())))
+        return not self.first_order
 
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
         fast = params
-        yield self.step_view(fast, 0)
-        for step in range(steps):
-            grads = self.support_grad(self.step_view(fast, step), buffers, support_x, support_y, create_graph)
-            fast = {name: w - self._inner_rate(step, index) * grads[name] if self._adapted(name) else w
-                    for index, (name, w) in enumerate(fast.items())}
-            yield self.step_view(fast, step)
+        yield fast
+        for _ in range(steps):
+            grads = self.support_grad(fast, buffers, support_x, support_y, create_graph)
+            fast = {name: w - self.inner_lr * grads[name] for name, w in fast.items()}
+            yield fast
 
-    def _inner_rate(self, step: int, index: int):
-        """The inner learning rate of the ``index``-th parameter tensor at ``step`` (LSLR: learned,
-        steps past the trained ones reuse the last row)."""
-        if self.step_lrs is None:
-            return self.inner_lr
-        return self.step_lrs[min(step, self.step_lrs.shape[0] - 1), index]
+
+class FirstOrderMAML(MAML):
+    """MAML with ``first_order=True``: the inner gradients are constants in the meta-gradient."""
+
+    name = "fomaml"
+    summary = "first-order MAML"
+
+    def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = True,
+                 loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):
+        super().__init__(model, inner_lr, inner_steps, True, loss, task_chunk, compile, classification)

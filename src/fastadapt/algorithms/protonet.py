@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from .base import MetaLearner
+from .engine import MetaLearner
 
 
 class ProtoNet(MetaLearner):
@@ -18,6 +17,16 @@ class ProtoNet(MetaLearner):
     same at every step. Trained episodically with the query cross-entropy, through the engine.
     """
 
+    name = "protonet"
+    summary = "Prototypical Networks (Snell et al. 2017)"
+
+    @classmethod
+    def from_config(cls, model, config):
+        if config.loss != "cross_entropy":
+            raise ValueError("ProtoNet classifies; it cannot learn the sinusoid regression tasks")
+        return cls(model, config.data.n_way, embedding="features" if hasattr(model, "features") else None,
+                   task_chunk=config.algorithm.task_chunk, compile=config.algorithm.compile)
+
     def __init__(self, model, n_way: int, embedding="features", task_chunk="auto", compile: bool = False):
         super().__init__(model, inner_steps=0, loss="cross_entropy", task_chunk=task_chunk, compile=compile)
         if embedding is not None and not hasattr(model, embedding):
@@ -28,14 +37,9 @@ class ProtoNet(MetaLearner):
         return True
 
     def embed(self, params, buffers, x):
-        if self.embedding is None:
-            return super().forward_with(params, buffers, x)
-        prefix = self.embedding + "."
-        sub = getattr(self.model, self.embedding)
-        own = {n[len(prefix):]: w for n, w in {**params, **buffers}.items() if n.startswith(prefix)}
-        return torch.func.functional_call(sub, own, (x,))
+        return super().forward_with(params, buffers, x, part=self.embedding)
 
-    def forward_with(self, params, buffers, x):
+    def forward_with(self, params, buffers, x, **kwargs):
         prototypes = params["prototypes"]
         z = self.embed(params, buffers, x)
         return -((z[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)

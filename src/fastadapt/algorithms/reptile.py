@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import MetaLearner, MetaOutput
+from ..config import Option
+from .engine import MetaLearner, MetaOutput
 
 
 class Reptile(MetaLearner):
@@ -17,10 +18,23 @@ class Reptile(MetaLearner):
     vectorised chunks like every algorithm here; no gradient flows through the inner loop.
     """
 
+    name = "reptile"
+    summary = "Reptile (Nichol et al. 2018)"
+    options = (Option("outer_lr", float, "Reptile's outer step size (default 1.0)", positive=True),
+               Option("inner_optimizer", str, "Reptile's inner optimiser (default sgd)", choices=("sgd", "adam")))
+
+    @classmethod
+    def from_config(cls, model, config):
+        a = config.algorithm
+        own = {o.name: a.options[o.name] for o in cls.options if a.options.get(o.name) is not None}
+        return cls(model, a.inner_lr, a.inner_steps, loss=config.loss, task_chunk=a.task_chunk, compile=a.compile,
+                   **own)
+
     def __init__(self, model, inner_lr: float = 0.1, inner_steps: int = 5, outer_lr: float = 1.0,
                  inner_optimizer: str = "sgd", loss="cross_entropy", task_chunk="auto", compile: bool = False,
-                 betas=(0.0, 0.999), eps: float = 1e-8):
-        super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile)
+                 betas=(0.0, 0.999), eps: float = 1e-8, classification=None):
+        super().__init__(model, inner_steps=inner_steps, loss=loss, task_chunk=task_chunk, compile=compile,
+                         classification=classification)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
         if not inner_lr > 0 or not outer_lr > 0:
@@ -60,7 +74,7 @@ class Reptile(MetaLearner):
             return final.detach()
 
         with torch.no_grad():
-            return self._run_chunks(batch, self.inner_steps, per_step, False, accumulate)
+            return self.run_tasks(batch, self.inner_steps, per_step, False, accumulate)
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.outer_lr)

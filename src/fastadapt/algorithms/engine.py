@@ -1,33 +1,30 @@
-"""The shared engine of every gradient-based meta-learner.
+"""The shared engine of every gradient-based meta-learner, and the registry of algorithms.
 
 An algorithm describes ONE task: ``inner_loop`` yields its fast weights after each inner step,
-written as a pure function of (params, buffers, support set). This base class maps that over the
+written as a pure function of (params, buffers, support set). ``MetaLearner`` maps that over the
 task axis with ``torch.func.vmap``, runs tasks in chunks to bound memory and keep the working set
 in cache, scores the query set, and reduces over tasks. It never deep-copies or clones the model.
+Every forward pass runs under the learner's ``ForwardPolicy`` (``forward.py``: BatchNorm's
+statistics, small convolutions); algorithms reach it only through ``support_grad``,
+``forward_with`` and ``batch_statistics``.
 
-BatchNorm policy (transductive, as in the MAML paper): every forward pass the engine makes
-normalises with the statistics of its own batch, per task; running statistics are never read or
-written, so meta-training and adaptation leave every buffer untouched. Where the pass will be
-differentiated twice (the support pass of a second-order inner loop) the normalisation is computed
-from mean and variance directly: ``F.batch_norm``'s second-order gradients under ``vmap`` are
-silently wrong (functorch issue 534; 0.14 absolute error on this project's float64 test). Every
-other pass uses the fused ``F.batch_norm``, which is exact to first order and about 2x faster.
+A subclass that sets ``name`` registers itself: ``registered()`` maps names to classes, and the
+configuration, the ``--algo`` choices and the command line's flags for ``options`` come from there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-import types
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, ClassVar, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..config import Option
+from . import forward
 
 Params = Dict[str, torch.Tensor]
 
@@ -36,8 +33,9 @@ Params = Dict[str, torch.Tensor]
 class MetaOutput:
     """What a meta-batch produced.
 
-    ``loss``: scalar mean final query loss over tasks, differentiable w.r.t. the meta-parameters
-    when produced by ``meta_loss``. ``query_loss`` / ``query_accuracy``: final-step means over
+    ``loss``: the scalar meta-loss, differentiable w.r.t. the meta-parameters when produced by
+    ``meta_loss``: the mean over tasks of the final query loss, or, under MAML++'s multi-step
+    loss, of its weighted sum of the query losses after every step. ``query_loss`` / ``query_accuracy``: final-step means over
     tasks, or 1-D ``[steps + 1]`` per-step means (before adapting, then after each step) when
     per-step scoring was asked for. ``task_loss`` / ``task_accuracy``: the same per task
     (``[T]`` or ``[T, steps + 1]``), for confidence intervals. Accuracies are None for regression.
@@ -50,133 +48,21 @@ class MetaOutput:
     task_accuracy: Optional[torch.Tensor]
 
 
-class _BatchNormMode(threading.local):
-    def __init__(self):
-        # set on the instance (not only the class), so torch.compile's guards see a stable dict
-        self.exact = False
-        self.running = False  # normalise with the (substituted) running statistics instead
-        self.found: Optional[list] = None  # when a list, batch statistics are appended to it
-
-
-_BATCH_NORM_MODE = _BatchNormMode()
-
-
-@contextlib.contextmanager
-def _batch_norm_mode(flag: str, value):
-    """Set one field of the thread's BatchNorm mode for the duration of the block."""
-    previous = getattr(_BATCH_NORM_MODE, flag)
-    setattr(_BATCH_NORM_MODE, flag, value)
-    try:
-        yield value
-    finally:
-        setattr(_BATCH_NORM_MODE, flag, previous)
-
-
-def _exact_batch_norm():
-    """Inside, BatchNorm is computed from mean and variance so its double backward is right."""
-    return _batch_norm_mode("exact", True)
-
-
-def _running_batch_norm(enabled: bool):
-    """Inside, BatchNorm normalises with the module's running statistics (as substituted by
-    ``functional_call``), not the batch's: non-transductive inference."""
-    return _batch_norm_mode("running", enabled)
-
-
-def _collect_batch_statistics():
-    """Inside, every BatchNorm forward appends its batch's (mean, unbiased variance) per channel
-    to the yielded list, in call order."""
-    return _batch_norm_mode("found", [])
-
-
-def _normalize_with_batch_statistics(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    dims = [0, *range(2, x.dim())]
-    if _BATCH_NORM_MODE.found is not None:
-        count = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach(), dim=dims, correction=1 if count > 1 else 0)
-        _BATCH_NORM_MODE.found.append((mean, var))
-    if not (_BATCH_NORM_MODE.exact or _BATCH_NORM_MODE.running):
-        # The fused kernel is exact for forward and first derivatives, and about 2x faster.
-        return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    if _BATCH_NORM_MODE.running:
-        mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
-    else:
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    scale = torch.rsqrt(var + module.eps)
-    if module.affine:
-        scale = scale * module.weight.reshape(shape)
-        return torch.addcmul(module.bias.reshape(shape) - mean * scale, x, scale)
-    return (x - mean) * scale
-
-
-@contextlib.contextmanager
-def _patched_forwards(model: nn.Module, applies: Callable[[nn.Module], bool], forward: Callable):
-    """Give every module of ``model`` for which ``applies`` holds the instance method ``forward``
-    for the duration of the block. Re-entrant: a module already patched is left alone."""
-    marker = f"_fastadapt_{forward.__name__}"
-    patched = []
-    for module in model.modules():
-        if applies(module) and marker not in module.__dict__:
-            module.__dict__[marker] = True
-            module.forward = types.MethodType(forward, module)
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.__dict__["forward"]
-            del module.__dict__[marker]
-
-
-def batch_statistics(model: nn.Module):
-    """Run every BatchNorm module of ``model`` with batch statistics and no running-stat updates."""
-    return _patched_forwards(model, lambda m: isinstance(m, _BatchNorm), _normalize_with_batch_statistics)
-
-
-_MATMUL_CONV_MAX_INPUTS = 16  # in_channels * kernel area at or below which im2col wins on CPU
-
-
-def _convolve_by_matmul(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A convolution with few input values per output (an image network's first layer: one
-    channel, 3x3) as unfold + one matrix product, with a channels-last result.
-
-    oneDNN's CPU kernels are slow on such shapes: on this project's machine, conv4's first layer
-    over 75 Omniglot images takes 4.0 ms as a convolution and 0.5 ms this way, and under vmap
-    (per-task weights, a grouped convolution) 19 ms against 3.7 ms for 4 tasks.
-    """
-    if x.is_cuda or x.dim() != 4:
-        return nn.Conv2d.forward(module, x)
-    n, _, height, width = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    columns = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-    weight = module.weight.reshape(module.out_channels, -1)
-    out = columns.transpose(1, 2).reshape(n * out_h * out_w, -1) @ weight.t()
-    if module.bias is not None:
-        out = out + module.bias
-    return out.reshape(n, out_h, out_w, module.out_channels).permute(0, 3, 1, 2)
-
-
-def _uses_matmul(module: nn.Module) -> bool:
-    return (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-            and module.in_channels * module.kernel_size[0] * module.kernel_size[1] <= _MATMUL_CONV_MAX_INPUTS)
-
-
-def small_convolutions_by_matmul(model: nn.Module):
-    """Run the model's convolutions with few inputs per output through ``_convolve_by_matmul``."""
-    return _patched_forwards(model, _uses_matmul, _convolve_by_matmul)
-
-
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == targets).to(logits.dtype).mean()
 
 
 _CPU_CHUNK_VALUES = 256 * 1024
 
-_LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+# name -> (function, whether it classifies)
+_LOSSES = {"cross_entropy": (F.cross_entropy, True), "mse": (F.mse_loss, False)}
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def registered() -> Dict[str, type]:
+    """Every algorithm class with a ``name``, by name (the ``--algo`` choices)."""
+    return dict(_REGISTRY)
 
 
 def detach(params: Params) -> Params:
@@ -186,30 +72,69 @@ def detach(params: Params) -> Params:
 class MetaLearner(nn.Module):
     """Base of every algorithm: owns batching over tasks (vmap), chunking and query scoring.
 
-    Subclasses implement ``inner_loop``. ``task_chunk`` is the number of tasks run together in one
-    vmapped call: ``"auto"`` picks by device (on CPU, chunks of about 256k input values, i.e. 4
-    Omniglot tasks: per-task weights turn convolutions into slower grouped ones and a large working
-    set falls out of cache; on GPU, all tasks at once), an int
-    fixes it, and ``None`` runs the whole meta-batch at once. Results do not depend on it.
+    Subclasses implement ``inner_loop``; a subclass that sets ``name`` (and, if it has settings of
+    its own, ``options``, and ``from_config`` when its constructor differs from the default one)
+    is registered for the configuration and the command line: adding an algorithm is one file.
+
+    ``loss``: ``"cross_entropy"`` (classification), ``"mse"`` (regression) or a callable, for which
+    ``classification`` must say which it is (accuracy is reported only for classification).
+    ``task_chunk`` is the number of tasks run together in one vmapped call: ``"auto"`` picks by
+    device (on CPU, chunks of about 256k input values, i.e. 4 Omniglot tasks: per-task weights
+    turn convolutions into slower grouped ones and a large working set falls out of cache; on GPU,
+    all tasks at once), an int fixes it, and ``None`` runs the whole meta-batch at once. Results do
+    not depend on it.
     """
 
+    name: ClassVar[Optional[str]] = None
+    summary: ClassVar[str] = ""
+    options: ClassVar[Tuple[Option, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is not None:
+            if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+                raise ValueError(f"algorithm name {name!r} is taken by {_REGISTRY[name].__qualname__}")
+            _REGISTRY[name] = cls
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config) -> "MetaLearner":
+        """Build from a ``fastadapt.config.RunConfig``: the common settings, and each of ``options``
+        by its name as a keyword argument (those left None keep the constructor's default)."""
+        a = config.algorithm
+        own = {o.name: a.options[o.name] for o in cls.options if a.options.get(o.name) is not None}
+        return cls(model, inner_steps=a.inner_steps, loss=config.loss, task_chunk=a.task_chunk, compile=a.compile,
+                   **own)
+
+    @classmethod
+    def accepted_options(cls) -> Tuple[Option, ...]:
+        """The options a configuration may set for this algorithm: by default its own ``options``."""
+        return cls.options
+
     def __init__(self, model: nn.Module, inner_steps: int = 5, loss="cross_entropy",
-                 task_chunk="auto", compile: bool = False):
+                 task_chunk="auto", compile: bool = False, classification: Optional[bool] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        known = {fn: (name, kind) for name, (fn, kind) in _LOSSES.items()}
         if isinstance(loss, str):
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)} or a callable, got {loss!r}")
-            self.loss_name, self.loss_fn = loss, _LOSSES[loss]
+            self.loss_name, (self.loss_fn, kind) = loss, _LOSSES[loss]
+        elif loss in known:
+            self.loss_fn, (self.loss_name, kind) = loss, known[loss]
         elif callable(loss):
-            self.loss_name, self.loss_fn = getattr(loss, "__name__", "custom"), loss
+            if classification is None:
+                raise ValueError("a custom loss needs classification=True (it scores class logits; accuracy is "
+                                 "reported) or classification=False (regression)")
+            self.loss_name, self.loss_fn, kind = getattr(loss, "__name__", "custom"), loss, classification
         else:
             raise ValueError(f"loss must be a name or a callable, got {loss!r}")
         if not (task_chunk is None or task_chunk == "auto" or (isinstance(task_chunk, int) and task_chunk > 0)):
             raise ValueError(f"task_chunk must be 'auto', None or a positive integer, got {task_chunk!r}")
+        self.classification = bool(kind if classification is None else classification)
         self.model = model
         self.inner_steps = inner_steps
         self.task_chunk = task_chunk
@@ -225,38 +150,45 @@ class MetaLearner(nn.Module):
         """Yield the fast weights of ONE task: first the starting weights, then after each step."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ functional building blocks
-    @property
-    def classification(self) -> bool:
-        return self.loss_fn is F.cross_entropy
+    def create_graph(self) -> bool:
+        """Whether the inner loop is differentiated through (second order) in ``meta_loss``."""
+        return True
 
+    def step_loss_weights(self, steps: int) -> Optional[torch.Tensor]:
+        """Weights of the query losses after steps 1..steps in the meta-loss; None: the last only."""
+        return None
+
+    def forward_policy(self) -> forward.ForwardPolicy:
+        """How the learner's forward passes run (``forward.py``); by default transductive BatchNorm."""
+        return forward.ForwardPolicy()
+
+    def initial_weights(self, params: Params) -> Params:
+        """The weights of a forward pass before any inner step (MAML++'s per-step BatchNorm
+        substitutes its own entries); by default ``params``."""
+        return params
+
+    # ------------------------------------------------------------------ building blocks for algorithms
     def meta_params(self) -> Params:
         return dict(self.model.named_parameters())
 
     def model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor, *, part: Optional[str] = None,
+                     twice_differentiable: bool = False) -> torch.Tensor:
         """The model's output on ``x`` with the given weights (one task, no task axis); entries
-        of ``params`` replace buffers of the same name (per-step statistics do)."""
-        return functional_call(self.model, {**buffers, **params}, (x,))
-
-    def step_view(self, params: Params, step: int) -> Params:
-        """The weights a forward pass at inner step ``step`` uses (MAML++'s per-step BatchNorm
-        substitutes its own entries); by default ``params`` themselves."""
-        return params
-
-    def uses_running_statistics(self) -> bool:
-        """Whether BatchNorm normalises with running statistics instead of each batch's."""
-        return False
-
-    @contextlib.contextmanager
-    def forward_context(self):
-        """The BatchNorm policy (see the module docstring) and the convolution kernels of every
-        forward pass the learner makes."""
-        with batch_statistics(self.model), _running_batch_norm(self.uses_running_statistics()), \
-                small_convolutions_by_matmul(self.model):
-            yield
+        of ``params`` replace buffers of the same name. ``part``: run only that submodule (its
+        entries of ``params`` and ``buffers``). ``twice_differentiable``: the pass will be
+        differentiated twice (a second-order inner loop), so BatchNorm is computed exactly."""
+        module, state = self.model, {**buffers, **params}
+        if part is not None:
+            prefix = part + "."
+            module = self.model.get_submodule(part)
+            state = {n[len(prefix):]: w for n, w in state.items() if n.startswith(prefix)}
+        if twice_differentiable:
+            with forward.changed(exact=True):
+                return functional_call(module, state, (x,))
+        return functional_call(module, state, (x,))
 
     def support_grad(self, params: Params, buffers: Params, x, y, create_graph: bool) -> Params:
         """Gradient of the loss on (x, y) w.r.t. ``params``.
@@ -269,8 +201,30 @@ class MetaLearner(nn.Module):
 
         if not create_graph:
             return torch.func.grad(loss_of)(detach(params))
-        with _exact_batch_norm():
+        with forward.changed(exact=True):
             return torch.func.grad(loss_of)(params)
+
+    def batch_statistics(self, params: Params, buffers: Params, x: torch.Tensor) -> list:
+        """Each BatchNorm layer's (mean, unbiased variance) per channel over ``x``, in call order,
+        from one forward pass with ``params``."""
+        with forward.changed(record=[]) as policy:
+            self.forward_with(params, buffers, x)
+        return policy.record
+
+    def map_tasks(self, fn: Callable, *tensors):
+        """``fn`` of one task, applied to every task of ``tensors`` (a leading task axis) with
+        vmap, under the learner's forward policy."""
+        with self.forward_context():
+            return vmap(fn, randomness="different")(*tensors)
+
+    def first_chunk(self, batch):
+        """The tasks of ``batch`` that the engine runs together first when training."""
+        chunk = self._chunk_size(batch)
+        return batch[:chunk] if chunk else batch
+
+    def forward_context(self):
+        """Every forward pass the learner makes runs inside: its ``forward_policy()``."""
+        return forward.applied(self.model, self.forward_policy())
 
     # ------------------------------------------------------------------ one task, then all tasks
     def _adapt_task(self, params, buffers, support_x, support_y, *, steps: int, per_step: bool,
@@ -291,7 +245,6 @@ class MetaLearner(nn.Module):
         loss = self.loss_fn(out, query_y)
         accuracy = _accuracy(out.detach(), query_y) if self.classification else loss.detach() * 0
         return loss, accuracy
-
     def _chunk_fn(self, steps: int, per_step: bool, create_graph: bool, vmap_query: bool,
                   multi_step: bool = False) -> Callable:
         """One chunk of tasks -> (final query losses [k], losses [k, n], accuracies [k, n], final fast
@@ -353,10 +306,10 @@ class MetaLearner(nn.Module):
         per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
         return max(1, _CPU_CHUNK_VALUES // per_task)
 
-    def _run_chunks(self, batch, steps: int, per_step: bool, create_graph: bool,
+    def run_tasks(self, batch, steps: int, per_step: bool, create_graph: bool,
                     on_chunk: Optional[Callable] = None, step_weights: Optional[torch.Tensor] = None):
-        """Score ``batch`` chunk by chunk; ``on_chunk(final_losses, fast, num_tasks)`` is called on
-        each chunk (to backpropagate it, say) and may return the losses to keep."""
+        """Adapt and score ``batch`` chunk by chunk; ``on_chunk(final_losses, fast, num_tasks)`` is
+        called on each chunk (to backpropagate it, say) and returns the losses to keep."""
         chunk = self._chunk_size(batch, with_graph=torch.is_grad_enabled())
         chunks = list(batch.split(chunk)) if chunk else [batch]
         params, buffers = self.meta_params(), self.model_buffers()
@@ -383,14 +336,6 @@ class MetaLearner(nn.Module):
                           task_loss=task_loss, task_accuracy=task_acc)
 
     # ------------------------------------------------------------------ public API
-    def create_graph(self) -> bool:
-        """Whether the inner loop is differentiated through (second order) in ``meta_loss``."""
-        return True
-
-    def step_loss_weights(self, steps: int) -> Optional[torch.Tensor]:
-        """Weights of the query losses after steps 1..steps in the meta-loss; None: the last only."""
-        return None
-
     def on_step(self, iteration: int) -> None:
         """Told by the Trainer before each meta-iteration (0-based), for annealing schedules."""
         self.iteration = iteration
@@ -401,7 +346,7 @@ class MetaLearner(nn.Module):
         The graph of every chunk is kept until ``.loss.backward()``; ``meta_backward`` frees each
         chunk's graph as it goes and so bounds memory by one chunk.
         """
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(),
+        return self.run_tasks(batch, self.inner_steps, per_step, self.create_graph(),
                                 step_weights=self.step_loss_weights(self.inner_steps))
 
     def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
@@ -410,7 +355,7 @@ class MetaLearner(nn.Module):
             (final.sum() / num_tasks).backward()
             return final.detach()
 
-        return self._run_chunks(batch, self.inner_steps, per_step, self.create_graph(), backward,
+        return self.run_tasks(batch, self.inner_steps, per_step, self.create_graph(), backward,
                                 step_weights=self.step_loss_weights(self.inner_steps))
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
@@ -424,7 +369,7 @@ class MetaLearner(nn.Module):
         """
         steps = self.inner_steps if steps is None else steps
         with torch.no_grad():
-            return self._run_chunks(batch, steps, per_step=True, create_graph=False)
+            return self.run_tasks(batch, steps, per_step=True, create_graph=False)
 
     def _is_task_batched(self, support_x, support_y) -> bool:
         # Class labels are [S] for one task; regression targets carry a feature axis, [S, D].
@@ -466,4 +411,4 @@ class MetaLearner(nn.Module):
         """The model with its meta-parameters (before any step), under the same BatchNorm policy
         as adaptation."""
         with self.forward_context():
-            return self.forward_with(self.step_view(self.meta_params(), 0), self.model_buffers(), x)
+            return self.forward_with(self.initial_weights(self.meta_params()), self.model_buffers(), x)

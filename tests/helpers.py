@@ -1,6 +1,7 @@
-"""Independent references for the engine's tests and benchmarks.
+"""What the tests share: independent references for the engine (also used by the benchmarks),
+small models and task batches, the tiny command-line run, and the shared data files.
 
-Written the way the widely used MAML-Pytorch code's ``Meta.forward`` is: a Python loop over the
+The references are written the way the widely used MAML-Pytorch code's ``Meta.forward`` is: a Python loop over the
 tasks, ``torch.autograd.grad`` for the inner steps (here with ``create_graph`` for second order),
 and PyTorch's own ``F.batch_norm`` in training mode (exact outside ``vmap``). Nothing here uses
 fastadapt's engine.
@@ -9,10 +10,74 @@ fastadapt's engine.
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.func import functional_call
+
+from fastadapt import TaskBatch
+from fastadapt.models import conv4
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A run of the command line that takes seconds: Glyphs, 3-way 1-shot, conv4 with 8 filters.
+TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
+             "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "4",
+             "--eval-every", "2", "--log-every", "2", "--val-episodes", "4", "--test-episodes", "4", "--quiet"]
+
+
+def shared_data(relative: str) -> Path:
+    """A file under ../shared/data: skipped when absent locally, a failure under CI=true."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs {path}, which is missing")
+        pytest.skip(f"{path} not present")
+    return path
+
+
+def write_png(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def image_batch(tasks=3, n_way=3, shots=2, queries=3, size=8, channels=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return TaskBatch(torch.rand(tasks, n_way * shots, channels, size, size, generator=g, dtype=dtype),
+                     torch.arange(n_way).repeat_interleave(shots).repeat(tasks, 1),
+                     torch.rand(tasks, n_way * queries, channels, size, size, generator=g, dtype=dtype),
+                     torch.randint(0, n_way, (tasks, n_way * queries), generator=g))
+
+
+def small_conv4(dtype=torch.float64):
+    return conv4(in_channels=1, n_way=3, hidden=4, image_size=8).to(dtype)
+
+
+def grads_of(loss, model):
+    return torch.autograd.grad(loss, list(model.parameters()))
+
+
+class InterruptAfter:
+    """A task source that raises KeyboardInterrupt on draw number ``n + 1``."""
+
+    def __init__(self, tasks, n):
+        self.tasks, self.n = tasks, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.tasks):
+            if i == self.n:
+                raise KeyboardInterrupt
+            yield batch
+
+    def state_dict(self):
+        return self.tasks.state_dict()
+
+    def load_state_dict(self, state):
+        self.tasks.load_state_dict(state)
 
 
 def forward(model, params, x):

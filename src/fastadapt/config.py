@@ -1,0 +1,293 @@
+"""A run's configuration: four dataclasses (data, model, algorithm, training) in one ``RunConfig``.
+
+Every checkpoint stores ``RunConfig.to_dict()``, so a run can be evaluated, resumed or used for
+prediction without its command line. ``RunConfig.from_dict`` also reads the flat dicts of older
+checkpoints and of the Python API (``dict(meta_lr=1e-3, steps=50)``): each flat key is the name of
+a field (``steps`` and ``algo`` are kept as aliases of ``meta_steps`` and ``algorithm.name``) or of
+an algorithm's own option. Errors are ``ConfigError``s that name the field in API terms
+(``TrainingConfig.meta_steps``); the command line rewords them with its flags.
+
+This module imports nothing else of fastadapt: every other layer may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range. ``key``: the flat key (``meta_steps``), ``message``:
+    what was expected, without the name (``must be a positive integer, got 0``)."""
+
+    def __init__(self, key: str, message: str, where: Optional[str] = None):
+        self.key, self.message = key, message
+        super().__init__(f"{where or key} {message}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of one algorithm: its keyword argument, flat configuration key and command-line
+    flag (``--`` and the name with dashes). ``default`` None means the algorithm's own choice;
+    booleans become ``--name/--no-name``."""
+
+    name: str
+    type: type
+    help: str
+    default: Any = None
+    choices: Tuple = ()
+    minimum: Optional[float] = None  # numbers: the smallest allowed value
+    positive: bool = False  # numbers: above zero
+
+    def check(self, value, where: str):
+        if value is None:
+            return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(self.name, f"must be True or False, got {value!r}", where)
+            return value
+        if self.choices and value not in self.choices:
+            raise ConfigError(self.name, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}", where)
+        if self.type is int:
+            _integer(self.name, value, where, minimum=self.minimum, positive=self.positive)
+        elif self.type is float:
+            value = _number(self.name, value, where, minimum=self.minimum, positive=self.positive)
+        return value
+
+
+def _integer(key, value, where, minimum=None, positive=False):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if positive and not (ok and value > 0):
+        raise ConfigError(key, f"must be a positive integer, got {value!r}", where)
+    if minimum is not None and not (ok and value >= minimum):
+        wanted = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum:g}"
+        raise ConfigError(key, f"must be {wanted}, got {value!r}", where)
+    if not ok:
+        raise ConfigError(key, f"must be an integer, got {value!r}", where)
+    return value
+
+
+def _number(key, value, where, minimum=None, positive=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if positive and not (ok and value > 0):
+        raise ConfigError(key, f"must be a positive finite number, got {value!r}", where)
+    if minimum is not None and not (ok and value >= minimum):
+        wanted = "a non-negative finite number" if minimum == 0 else f"a finite number >= {minimum:g}"
+        raise ConfigError(key, f"must be {wanted}, got {value!r}", where)
+    if not ok:
+        raise ConfigError(key, f"must be a finite number, got {value!r}", where)
+    return float(value)
+
+
+DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+
+
+@dataclass
+class DataConfig:
+    """Which tasks: the data set and the episode shape (``n_way`` classes, ``k_shot`` support and
+    ``k_query`` query examples each, ``task_batch`` tasks per meta-batch), and the fixed
+    validation and test tasks. ``image_size`` and ``channels`` default by data set."""
+
+    dataset: str = "glyphs"
+    root: Optional[str] = None
+    download: bool = False
+    n_way: int = 5
+    k_shot: int = 1
+    k_query: int = 15
+    task_batch: int = 8
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    train_split: Optional[str] = None
+    val_split: Optional[str] = None
+    test_split: Optional[str] = None
+    train_alphabets: Any = None
+    val_alphabets: Any = None
+    test_alphabets: Any = None
+    rotations: bool = False
+    protocol: Optional[str] = None
+    glyph_classes: int = 200
+    augment: bool = False
+    group_by: Optional[str] = None
+    val_episodes: int = 100
+    test_episodes: int = 600
+    eval_batch: int = 25
+
+    def check(self) -> None:
+        where = "DataConfig."
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+                              where + "dataset")
+        for key in ("n_way", "k_shot", "k_query", "task_batch", "glyph_classes", "val_episodes", "test_episodes",
+                    "eval_batch"):
+            _integer(key, getattr(self, key), where + key, positive=True)
+        for key in ("image_size", "channels"):
+            if getattr(self, key) is not None:
+                _integer(key, getattr(self, key), where + key, positive=True)
+        if self.group_by not in (None, "alphabet"):
+            raise ConfigError("group_by", f"must be None or 'alphabet', got {self.group_by!r}", where + "group_by")
+        if self.protocol not in (None, "maml", "official"):
+            raise ConfigError("protocol", f"must be 'maml' or 'official', got {self.protocol!r}", where + "protocol")
+
+
+@dataclass
+class ModelConfig:
+    """The network: conv4 with ``hidden`` filters and ``pool`` (``"max"`` or ``"stride"``; by
+    image size), the reference code's config list ``network``, and the dtype of the weights."""
+
+    hidden: Optional[int] = None
+    pool: Optional[str] = None
+    network: Any = None
+    dtype: str = "float32"
+
+    def check(self) -> None:
+        if self.hidden is not None:
+            _integer("hidden", self.hidden, "ModelConfig.hidden", positive=True)
+        if self.pool not in (None, "max", "stride"):
+            raise ConfigError("pool", f"must be 'max' or 'stride', got {self.pool!r}", "ModelConfig.pool")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError("dtype", f"must be float32 or float64, got {self.dtype!r}", "ModelConfig.dtype")
+
+
+@dataclass
+class AlgorithmConfig:
+    """The meta-learner: the registered algorithm ``name`` and the settings the MAML family shares
+    (``inner_steps`` SGD steps of ``inner_lr`` per task in training, ``inner_steps_test`` at test
+    time), the engine's ``task_chunk`` and ``compile``, and ``options``, the algorithm's own
+    settings (its ``Option``s, by name)."""
+
+    name: str = "maml"
+    inner_steps: int = 3
+    inner_steps_test: int = 5
+    inner_lr: float = 0.4
+    first_order: bool = False
+    task_chunk: Any = "auto"
+    compile: bool = False
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def check(self, declared: Tuple[Option, ...] = ()) -> None:
+        """The shared settings, and ``options`` against the algorithm's ``declared`` ones."""
+        where = "AlgorithmConfig."
+        for key in ("inner_steps", "inner_steps_test"):
+            _integer(key, getattr(self, key), where + key, minimum=0)
+        self.inner_lr = _number("inner_lr", self.inner_lr, where + "inner_lr", positive=True)
+        if not (self.task_chunk is None or self.task_chunk == "auto"
+                or (isinstance(self.task_chunk, int) and not isinstance(self.task_chunk, bool) and self.task_chunk > 0)):
+            raise ConfigError("task_chunk", f"must be 'auto', None or a positive integer, got {self.task_chunk!r}",
+                              where + "task_chunk")
+        known = {o.name: o for o in declared}
+        for key, value in self.options.items():
+            if key not in known:
+                raise ConfigError(key, f"is neither a field of the configuration (DataConfig, ModelConfig, "
+                                       f"AlgorithmConfig, TrainingConfig) nor an option of algorithm {self.name!r} "
+                                       f"(its options: {', '.join(known) or 'none'})",
+                                  f"AlgorithmConfig.options[{key!r}]")
+            self.options[key] = known[key].check(value, f"AlgorithmConfig.options[{key!r}]")
+
+
+@dataclass
+class TrainingConfig:
+    """The outer loop: ``meta_steps`` meta-iterations of Adam at ``meta_lr`` (optionally cosine
+    annealed and clipped), validation every ``eval_every`` and metrics every ``log_every``
+    iterations, ``last.pt`` every ``checkpoint_every`` seconds, an optional ``time_limit`` in
+    seconds, the seed, the device and torch's CPU ``threads``."""
+
+    meta_steps: int = 300
+    meta_lr: float = 1e-3
+    eval_every: int = 500
+    log_every: int = 30
+    cosine: bool = False
+    clip_grad: Optional[float] = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: Optional[int] = None
+    checkpoint_every: float = 300.0
+    time_limit: Optional[float] = None
+
+    def check(self) -> None:
+        where = "TrainingConfig."
+        for key in ("meta_steps", "eval_every", "log_every"):
+            _integer(key, getattr(self, key), where + key, positive=True)
+        _integer("seed", self.seed, where + "seed")
+        self.meta_lr = _number("meta_lr", self.meta_lr, where + "meta_lr", positive=True)
+        for key in ("clip_grad", "time_limit"):
+            if getattr(self, key) is not None:
+                setattr(self, key, _number(key, getattr(self, key), where + key, positive=True))
+        if self.threads is not None:
+            _integer("threads", self.threads, where + "threads", positive=True)
+        self.checkpoint_every = _number("checkpoint_every", self.checkpoint_every, where + "checkpoint_every",
+                                        minimum=0)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig, "training": TrainingConfig}
+
+
+def _flat_fields() -> Dict[str, Tuple[str, str]]:
+    """Flat key -> (section, field): every field by its name, except ``algo`` for the algorithm's
+    name; ``steps`` is kept as an alias of ``meta_steps`` (the command line's ``--steps``)."""
+    table = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name != "options":
+                table["algo" if f.name == "name" else f.name] = (section, f.name)
+    return table
+
+
+FLAT_KEYS = _flat_fields()
+ALIASES = {"steps": "meta_steps"}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run is: ``data``, ``model``, ``algorithm`` and ``training``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def loss(self) -> str:
+        """Sinusoid tasks are regression (mean squared error); every other data set classifies."""
+        return "mse" if self.data.dataset == "sinusoid" else "cross_entropy"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Optional[dict] = None) -> "RunConfig":
+        """From ``to_dict()``'s nested form, or a flat dict of field names (older checkpoints, the
+        Python API), where a key that is no field is taken as an algorithm option (``AlgorithmConfig.check``
+        then refuses one that the algorithm does not declare). None values are skipped."""
+        values = dict(values or {})
+        if any(isinstance(values.get(s), dict) for s in SECTIONS):
+            sections = {s: dict(values.get(s) or {}) for s in SECTIONS}
+            sections["algorithm"]["options"] = dict(sections["algorithm"].get("options") or {})
+            for name, part in sections.items():
+                unknown = set(part) - {f.name for f in dataclasses.fields(SECTIONS[name])}
+                if unknown:
+                    raise ConfigError(sorted(unknown)[0], f"is not a field of {SECTIONS[name].__name__}")
+            return cls(**{s: SECTIONS[s](**sections[s]) for s in SECTIONS})
+        return cls().updated(values)
+
+    def updated(self, flat: dict) -> "RunConfig":
+        """A copy with the flat keys of ``flat`` set (None values skipped)."""
+        out = RunConfig.from_dict(self.to_dict())
+        for key, value in flat.items():
+            if value is None:
+                continue
+            key = ALIASES.get(key, key)
+            if key in FLAT_KEYS:
+                section, name = FLAT_KEYS[key]
+                setattr(getattr(out, section), name, value)
+            elif key == "options" and isinstance(value, dict):
+                out.algorithm.options.update(value)
+            else:
+                out.algorithm.options[key] = value
+        return out
+
+    def flat(self) -> dict:
+        """Every field by its flat key, with the algorithm's options beside them."""
+        out = {key: getattr(getattr(self, section), name) for key, (section, name) in FLAT_KEYS.items()}
+        return {**out, **self.algorithm.options}
