@@ -22,12 +22,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    config = experiment.resolve({})
+    config = experiment.resolve(dict(meta_steps=10 ** 9))
     torch.manual_seed(0)
     learner = experiment.build_learner(config)
     sources = experiment.build_data(config, splits=("train",))
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(learner, sources["train"], dict(config, steps=10 ** 9), folder)
+        trainer = Trainer(learner, sources["train"], config, folder)
         stream = iter(trainer.tasks)
         steps, saves = [], []
         for _ in range(args.reps):

@@ -77,21 +77,19 @@ def time_iterations(setting: str, options: list, algos: list, reps: int) -> dict
 
     from fastadapt import cli, experiment
 
-    parser = cli.build_parser()
     learners, batch = {}, None
     for algo in algos:
-        args = parser.parse_args(["train", *options, "--algo", algo, *algorithm_options(algo, setting)])
-        config = cli._config_from(args)
+        config = cli.train_config([*options, "--algo", algo, *algorithm_options(algo, setting)])
         torch.manual_seed(0)
         learner = experiment.build_learner(config)
         if batch is None:
             batch = next(iter(experiment.build_data(config, splits=("train",))["train"]))
-        learners[algo] = (learner, learner.make_optimizer(config["meta_lr"]), config)
+        learners[algo] = (learner, learner.make_optimizer(config.training.meta_lr), config)
     seconds = {algo: [] for algo in algos}
     for rep in range(reps + 1):
         for algo, (learner, optimizer, config) in learners.items():
             # halfway through training: MAML++'s derivative-order annealing is second order by then
-            learner.on_step(config["steps"] // 2)
+            learner.on_step(config.training.meta_steps // 2)
             start = time.perf_counter()
             optimizer.zero_grad()
             learner.meta_backward(batch)

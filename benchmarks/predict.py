@@ -40,8 +40,8 @@ def make_checkpoint(path: Path, ways: int, hidden: int) -> None:
     """A 20-way conv4 MAML model's checkpoint (untrained weights time the same as trained ones)."""
     config = experiment.resolve(dict(dataset="glyphs", n_way=ways, hidden=hidden, inner_steps_test=5))
     learner = experiment.build_learner(config)
-    save_checkpoint({"model": learner.state_dict(), "config": config, "step": 0,
-                     "transform": Glyphs.default_transform(config["image_size"]).to_dict(),
+    save_checkpoint({"model": learner.state_dict(), "config": config.to_dict(), "step": 0,
+                     "transform": Glyphs.default_transform(config.data.image_size).to_dict(),
                      "class_names": None}, path)
 
 

@@ -124,6 +124,11 @@ def _config_from(args) -> RunConfig:
     return experiment.resolve({**preset, **explicit})
 
 
+def train_config(argv) -> RunConfig:
+    """The checked ``RunConfig`` that ``fastadapt train ARGV`` would run (benchmarks build runs so)."""
+    return _config_from(build_parser().parse_args(["train", *argv]))
+
+
 # What --resume may change; everything else about a run is fixed when it starts.
 RESUME_OVERRIDES = ("meta_steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit")
 

@@ -1,0 +1,183 @@
+"""The architecture's promises: an algorithm is one file, the configuration is typed and checked in
+API terms, classification is declared, old names keep working, and the layers import downwards."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastadapt
+from fastadapt import MAML, MAMLPlusPlus, RunConfig, Trainer, experiment
+from fastadapt.algorithms import MetaLearner, registered
+from fastadapt.checkpoint import load_checkpoint
+from fastadapt.cli import build_parser, main
+from fastadapt.config import ConfigError, Option
+from fastadapt.models import mlp
+from helpers import TINY_ARGS, image_batch, small_conv4
+
+SRC = Path(fastadapt.__file__).parent
+
+
+class SignSGD(MetaLearner):
+    """A toy first-order algorithm, defined here and nowhere else: each inner step moves every
+    weight by ``inner_lr * scale`` against the sign of its gradient."""
+
+    name = "toy-signsgd"
+    summary = "a test's toy algorithm"
+    options = (Option("sign_scale", float, "the toy's step multiplier", positive=True),)
+
+    @classmethod
+    def from_config(cls, model, config):
+        a = config.algorithm
+        return cls(model, a.inner_lr, a.inner_steps, config.loss, a.options.get("sign_scale") or 1.0)
+
+    def __init__(self, model, inner_lr, inner_steps, loss, sign_scale=1.0):
+        super().__init__(model, inner_steps=inner_steps, loss=loss)
+        self.inner_lr, self.sign_scale = inner_lr, sign_scale
+
+    def create_graph(self):
+        return False
+
+    def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
+        fast = params
+        yield fast
+        for _ in range(steps):
+            grads = self.support_grad(fast, buffers, support_x, support_y, create_graph=False)
+            fast = {n: w - self.inner_lr * self.sign_scale * grads[n].sign() for n, w in fast.items()}
+            yield fast
+
+
+TINY = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=2,
+            inner_steps=1, inner_steps_test=2, meta_steps=4, eval_every=2, log_every=2, val_episodes=4,
+            test_episodes=4, eval_batch=2)
+
+
+def test_an_algorithm_in_one_file_is_registered_configured_trained_and_evaluated(tmp_path, capsys):
+    assert registered()["toy-signsgd"] is SignSGD
+    config = experiment.resolve(dict(TINY, algo="toy-signsgd", sign_scale=0.5))
+    learner = experiment.build_learner(config)
+    assert isinstance(learner, SignSGD) and learner.sign_scale == 0.5
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    sources = experiment.build_data(config, splits=("train", "val"))
+    Trainer(learner, sources["train"], config, tmp_path / "api", sources["val"]).fit(progress=False)
+    assert any(not torch.equal(before[n], p) for n, p in learner.named_parameters())
+    stored = load_checkpoint(tmp_path / "api" / "last.pt")["config"]["algorithm"]
+    assert stored["name"] == "toy-signsgd" and stored["options"] == {"sign_scale": 0.5}
+    # the command line takes its name and its option's flag, and rebuilds it to evaluate
+    run = tmp_path / "cli"
+    assert main(["train", *TINY_ARGS, "--algo", "toy-signsgd", "--sign-scale", "0.25", "--out", str(run)]) == 0
+    assert load_checkpoint(run / "last.pt")["config"]["algorithm"]["options"] == {"sign_scale": 0.25}
+    assert main(["eval", str(run), "--quiet"]) == 0
+    assert "4 test tasks" in capsys.readouterr().out
+    assert main(["train", *TINY_ARGS, "--algo", "toy-signsgd", "--sign-scale", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "--sign-scale must be a positive finite number, got -1.0" in capsys.readouterr().err
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    train_help = " ".join(train_help.split())
+    assert "toy-signsgd: a test's toy algorithm" in train_help and "--sign-scale" in train_help
+
+
+def test_configuration_errors_name_the_field_in_api_terms_and_the_flag_on_the_command_line(tmp_path, capsys):
+    for values, message in ((dict(steps=0), "TrainingConfig.meta_steps must be a positive integer, got 0"),
+                            (dict(inner_lr=float("nan")), "AlgorithmConfig.inner_lr must be a positive finite"),
+                            (dict(n_way=1.5), "DataConfig.n_way must be a positive integer, got 1.5"),
+                            (dict(dtype="float16"), "ModelConfig.dtype must be float32 or float64"),
+                            (dict(algo="maml", outer_lr=2.0), "AlgorithmConfig.options['outer_lr'] is neither a field"),
+                            (dict(algo="nope"), "AlgorithmConfig.name must be one of")):
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+            experiment.resolve(values)
+    assert main(["train", *TINY_ARGS, "--steps", "0"]) == 2
+    assert "error: --steps must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="TrainingConfig.meta_lr"):
+        Trainer(MAML(mlp(), inner_lr=0.01, loss="mse"), fastadapt.Sinusoid(5, 5), dict(meta_lr=-1.0))
+
+
+def test_configuration_round_trips_and_reads_older_flat_checkpoints():
+    config = experiment.resolve(dict(TINY, algo="reptile", outer_lr=0.5))
+    assert isinstance(config, RunConfig) and config.training.meta_steps == 4 and config.model.hidden == 8
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert config.flat()["algo"] == "reptile" and config.flat()["outer_lr"] == 0.5
+    # a checkpoint written before the typed configuration stored one flat dict with "steps" and "algo"
+    old = dict(TINY, algo="maml", lslr=True, meta_lr=0.01, device="cpu")
+    old["steps"] = old.pop("meta_steps")
+    restored = experiment.stored_config(old)
+    assert (restored.training.meta_steps, restored.algorithm.name, restored.algorithm.options) == (4, "maml",
+                                                                                                     {"lslr": True})
+    learner = experiment.build_learner(experiment.resolve(restored))
+    assert isinstance(learner, MAMLPlusPlus) and learner.step_lrs is not None and not learner.per_step_bn
+
+
+def test_mamlpp_turns_every_option_on_and_each_can_be_turned_off():
+    on = experiment.build_learner(experiment.resolve(dict(TINY, algo="mamlpp", meta_steps=30)))
+    assert (on.multi_step_loss, on.first_order_until, on.step_lrs is not None, on.per_step_bn) == (3, 10, True, True)
+    off = experiment.build_learner(experiment.resolve(dict(TINY, algo="mamlpp", lslr=False, per_step_bn=False)))
+    assert off.step_lrs is None and not off.per_step_bn and off.multi_step_loss == 1
+    args = build_parser().parse_args(["train", "--algo", "mamlpp", "--no-lslr"])
+    assert args.lslr is False
+
+
+def test_classification_is_declared_not_guessed():
+    def smooth_cross_entropy(logits, targets):
+        return F.cross_entropy(logits, targets, label_smoothing=0.1)
+
+    with pytest.raises(ValueError, match="custom loss needs classification=True"):
+        MAML(small_conv4(), inner_steps=1, loss=smooth_cross_entropy)
+    batch = image_batch()
+    custom = MAML(small_conv4(), inner_steps=1, loss=smooth_cross_entropy, classification=True)
+    out = custom.fine_tune(batch, steps=1)
+    assert out.task_accuracy is not None and out.task_accuracy.shape == (3, 2)
+    regression = MAML(mlp(), inner_steps=1, loss=lambda a, b: (a - b).abs().mean(), classification=False)
+    assert regression.fine_tune(fastadapt.Sinusoid(5, 5).sample(2), steps=1).query_accuracy is None
+    assert MAML(small_conv4(), loss=F.cross_entropy).classification and not MAML(mlp(), loss="mse").classification
+
+
+def test_old_names_still_work():
+    model = small_conv4()
+    learner = MAML(model, inner_lr=0.4, inner_steps=2, per_step_bn=True, lslr=True)
+    assert type(learner) is MAMLPlusPlus and learner.per_step_bn
+    assert learner.step_lrs.shape == (2, len(list(model.parameters())))
+    assert type(MAML(small_conv4())) is MAML
+    from fastadapt.algorithms import batch_statistics
+    model.train()
+    running = model.features[1].running_mean.clone()
+    with batch_statistics(model):
+        model(torch.rand(4, 1, 8, 8, dtype=torch.float64))
+    assert torch.equal(model.features[1].running_mean, running)
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            yield node.level, node.module or "", [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield 0, alias.name, []
+
+
+def _package_imports(path: Path):
+    """The fastadapt modules ``path`` (one level below the package) imports, by top-level name."""
+    for level, module, names in _imports(path):
+        if level >= 2:
+            yield module.split(".")[0] or names[0], names
+        elif module.startswith("fastadapt."):
+            yield module.split(".")[1], names
+
+
+def test_layers_import_downwards_and_algorithms_use_no_private_engine_names():
+    for path in (SRC / "algorithms").glob("*.py"):
+        for top, _ in _package_imports(path):
+            assert top in ("config",), (path.name, top)
+        for level, module, names in _imports(path):
+            if level == 1 and module == "engine":
+                assert not [n for n in names if n.startswith("_")], (path.name, names)
+    for path in (SRC / "data").glob("*.py"):
+        assert not [top for top, _ in _package_imports(path) if top in ("models", "algorithms", "train")], path.name
+    assert not [m for _, m, _ in _imports(SRC / "config.py") if m not in ("__future__", "dataclasses", "math", "typing")]
+    for path in SRC.glob("*.py"):  # the version has its own module: nothing imports it from the package
+        assert not [n for level, m, n in _imports(path) if level == 1 and m == "" and "__version__" in n], path.name
+    tests = Path(__file__).parent
+    for path in tests.glob("test_*.py"):
+        bad = [m for _, m, _ in _imports(path) if m.startswith(("test_", "conftest", "reference"))]
+        assert not bad, (path.name, bad)
