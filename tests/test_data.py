@@ -287,6 +287,19 @@ def test_glyphs_deterministic_disjoint_and_class_structured():
         Glyphs(split="holdout")
 
 
+def test_glyphs_cache_gives_the_drawn_images_and_survives_a_damaged_file(tmp_path):
+    from fastadapt.data import glyphs
+
+    drawn = Glyphs(num_classes=4, examples_per_class=3, seed=7, cache=False).images
+    glyphs._class_images.cache_clear()  # draw again, not from this process's memory
+    first = Glyphs(num_classes=4, examples_per_class=3, seed=7, cache=tmp_path).images
+    [file] = tmp_path.glob("glyphs-train-seed7-4x3-28px.*.npy")
+    assert torch.equal(first, drawn) and torch.equal(Glyphs(4, 3, seed=7, cache=tmp_path).images, drawn)
+    file.write_bytes(b"not an array")
+    assert torch.equal(Glyphs(4, 3, seed=7, cache=tmp_path).images, drawn)
+    assert torch.equal(torch.from_numpy(np.load(file)), drawn)  # rewritten
+
+
 # ---------------------------------------------------------------- download and extraction
 def test_extract_zip_refuses_path_escape(tmp_path):
     archive = tmp_path / "evil.zip"

@@ -48,19 +48,23 @@ def assert_same_parameters(state: dict, learner) -> None:
 
 
 def worker(rank, world, port, out_dir, result):
+    """Train the run uninterrupted (``out_dir``/two), then again interrupted after 13 meta-batches
+    and resumed by freshly built processes' state (``out_dir``/resumed)."""
     torch.set_num_threads(1)
     ctx = join(rank, world, port, timeout_s=120)
-    learner, scores = train(out_dir, ctx)
+    learner, scores = train(Path(out_dir) / "two", ctx)
     torch.save({"model": learner.state_dict(), "eval": scores.as_dict()}, f"{result}.{rank}")
+    torch.save(interrupted_and_resumed(Path(out_dir) / "resumed", ctx), f"{result}.resumed.{rank}")
     distributed.shutdown()
 
 
-def test_two_processes_equal_one_process_on_the_same_tasks(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "result")), nprocs=2)
+def test_two_processes_equal_one_process_and_an_interrupted_pair_resumes_to_the_same(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "result")), nprocs=2)
     single, single_scores = train(tmp_path / "one")
     for rank in (0, 1):
         result = torch.load(tmp_path / f"result.{rank}", weights_only=True)
         assert_same_parameters(result["model"], single)
+        assert_same_parameters(torch.load(tmp_path / f"result.resumed.{rank}", weights_only=True), single)
         # evaluation split over the ranks counts every task exactly once, on every rank
         assert result["eval"]["tasks"] == single_scores.tasks == 14
         torch.testing.assert_close(torch.tensor(result["eval"]["accuracy"], dtype=torch.float64),
@@ -106,9 +110,7 @@ def test_torchrun_cli_prints_once_and_writes_once(tmp_path):
     assert json.loads((tmp_path / "run" / "test.json").read_text())["tasks"] == 6
 
 
-def resume_worker(rank, world, port, out_dir, result):
-    torch.set_num_threads(1)
-    ctx = join(rank, world, port, timeout_s=120)
+def interrupted_and_resumed(out_dir, ctx) -> dict:
     c = experiment.resolve(CONFIG)
     torch.manual_seed(c.training.seed)
     learner = experiment.build_learner(c)
@@ -125,15 +127,7 @@ def resume_worker(rank, world, port, out_dir, result):
                       sources["val"], ctx)
     trainer.resume(Path(out_dir) / "last.pt")
     trainer.fit(progress=False)
-    torch.save(learner.state_dict(), f"{result}.{rank}")
-    distributed.shutdown()
-
-
-def test_interrupted_two_process_run_resumes_to_the_same_parameters(tmp_path):
-    mp.spawn(resume_worker, args=(2, free_port(), str(tmp_path / "two"), str(tmp_path / "resumed")), nprocs=2)
-    single, _ = train(tmp_path / "one")
-    for rank in (0, 1):
-        assert_same_parameters(torch.load(tmp_path / f"resumed.{rank}", weights_only=True), single)
+    return learner.state_dict()
 
 
 def silent_worker(rank, world, port, result):
@@ -141,7 +135,9 @@ def silent_worker(rank, world, port, result):
     import time
     ctx = join(rank, world, port, timeout_s=3)
     if rank == 1:
-        time.sleep(12)
+        deadline = time.monotonic() + 12
+        while not Path(result).exists() and time.monotonic() < deadline:  # silent until rank 0 has given up
+            time.sleep(0.1)
         os._exit(0)  # the group is broken: skip its destructor, which may abort the process
     start = time.perf_counter()
     try:

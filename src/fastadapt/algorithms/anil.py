@@ -18,16 +18,6 @@ class ANIL(MAML):
     name = "anil"
     summary = "ANIL (Raghu et al. 2019): only the head adapts"
 
-    @classmethod
-    def accepted_options(cls):
-        return cls.options
-
-    @classmethod
-    def from_config(cls, model, config):
-        a = config.algorithm
-        return cls(model, a.inner_lr, a.inner_steps, a.first_order, loss=config.loss, task_chunk=a.task_chunk,
-                   compile=a.compile)
-
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, head: str = "head",
                  body: str = "features", classification=None):

@@ -34,17 +34,20 @@ class MAML(MetaLearner):
 
     @classmethod
     def accepted_options(cls):
-        from .mamlpp import MAMLPlusPlus
-        return MAMLPlusPlus.options
+        """``maml`` and ``fomaml`` take MAML++'s options (``--algo maml --lslr``); subclasses their own."""
+        if cls in (MAML, FirstOrderMAML):
+            from .mamlpp import MAMLPlusPlus
+            return MAMLPlusPlus.options
+        return cls.options
 
     @classmethod
     def from_config(cls, model, config):
         a = config.algorithm
-        if any(a.options.get(key) for key in _PLUS_PLUS_KEYWORDS):
-            from .mamlpp import MAMLPlusPlus  # --algo maml --lslr: MAML with chosen MAML++ options
+        if cls in (MAML, FirstOrderMAML) and any(a.options.get(key) for key in _PLUS_PLUS_KEYWORDS):
+            from .mamlpp import MAMLPlusPlus  # --algo maml --lslr: MAML with just the chosen MAML++ options
             return MAMLPlusPlus.from_config(model, config, everything=False, first_order=cls is FirstOrderMAML)
-        return cls(model, a.inner_lr, a.inner_steps, first_order=a.first_order or cls is FirstOrderMAML,
-                   loss=config.loss, task_chunk=a.task_chunk, compile=a.compile)
+        return cls(model, a.inner_lr, a.inner_steps, first_order=a.first_order, loss=config.loss,
+                   task_chunk=a.task_chunk, compile=a.compile)
 
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):

@@ -17,16 +17,6 @@ class MetaSGD(MAML):
     name = "metasgd"
     summary = "Meta-SGD (Li et al. 2017): a learned inner rate per weight"
 
-    @classmethod
-    def accepted_options(cls):
-        return cls.options
-
-    @classmethod
-    def from_config(cls, model, config):
-        a = config.algorithm
-        return cls(model, a.inner_lr, a.inner_steps, a.first_order, loss=config.loss, task_chunk=a.task_chunk,
-                   compile=a.compile)
-
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):
         super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile, classification)
