@@ -97,7 +97,7 @@ def make_runners(device, compile_step=False):
         # the strongest plain loop: the query set scored once, after the last step
         "second order, lean loop": (ours(False), loop(False, per_step=False)),
         "first order": (ours(True), loop(True)),
-        "test-time 100 tasks x 10 steps": (lambda: tuner.fine_tune(test_batch, steps=10).task_accuracy,
+        "test-time 100 tasks x 10 steps": (lambda: tuner.fine_tune(test_batch, inner_steps=10).task_accuracy,
                                            lambda: deepcopy_fine_tune(model, test_batch, LR, 10)),
     }
     if compile_step:

@@ -125,7 +125,7 @@ def test_classification_is_declared_not_guessed():
         MAML(small_conv4(), inner_steps=1, loss=smooth_cross_entropy)
     batch = image_batch()
     custom = MAML(small_conv4(), inner_steps=1, loss=smooth_cross_entropy, classification=True)
-    out = custom.fine_tune(batch, steps=1)
+    out = custom.fine_tune(batch, inner_steps=1)
     assert out.task_accuracy is not None and out.task_accuracy.shape == (3, 2)
     regression = MAML(mlp(), inner_steps=1, loss=lambda a, b: (a - b).abs().mean(), classification=False)
     assert regression.fine_tune(fastadapt.Sinusoid(5, 5).sample(2), steps=1).query_accuracy is None
@@ -144,6 +144,12 @@ def test_old_names_still_work():
     with batch_statistics(model):
         model(torch.rand(4, 1, 8, 8, dtype=torch.float64))
     assert torch.equal(model.features[1].running_mean, running)
+    # fine_tune and adapt once took the inner step count as ``steps``
+    maml, batch = MAML(small_conv4(), inner_steps=1), image_batch()
+    torch.testing.assert_close(maml.fine_tune(batch, steps=2).task_loss, maml.fine_tune(batch, inner_steps=2).task_loss)
+    assert maml.fine_tune(batch, steps=2).task_loss.shape == (3, 3)
+    with pytest.raises(ValueError, match="give one"):
+        maml.adapt(batch.support_x[0], batch.support_y[0], inner_steps=1, steps=2)
 
 
 def _imports(path: Path):

@@ -137,7 +137,7 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means():
     theirs = torch.autograd.grad(reference, list(features.parameters()))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
-    scores = learner.fine_tune(batch, steps=2)
+    scores = learner.fine_tune(batch, inner_steps=2)
     assert torch.equal(scores.query_accuracy[0], scores.query_accuracy[-1])
 
 

@@ -144,7 +144,7 @@ def test_adapt_predict_fine_tune_leave_parameters_and_buffers_bit_identical():
     maml.predict(fast, batch.query_x[0]).sum().backward()
     batched = maml.adapt(batch.support_x, batch.support_y)
     maml.predict(batched, batch.query_x)
-    maml.fine_tune(batch, steps=4)
+    maml.fine_tune(batch, inner_steps=4)
     maml.meta_loss(batch, per_step=True)
     assert_unchanged(model, before)
     assert model.features[1].num_batches_tracked.item() == 0
@@ -170,7 +170,7 @@ def test_adapt_single_and_batched_agree_and_predict_shapes():
 def test_fine_tune_matches_deepcopy_reference():
     model, batch = small_conv4(), image_batch(tasks=4)
     maml = MAML(model, inner_lr=0.4, inner_steps=1, task_chunk=3)
-    out = maml.fine_tune(batch, steps=4)
+    out = maml.fine_tune(batch, inner_steps=4)
     ref = deepcopy_fine_tune(model, batch, 0.4, 4)
     torch.testing.assert_close(out.task_accuracy, ref.to(out.task_accuracy.dtype))
     assert out.query_accuracy.shape == (5,) and out.query_loss.shape == (5,)
@@ -230,14 +230,14 @@ def test_sinusoid_meta_training_halves_post_adaptation_error():
     torch.manual_seed(0)
     maml = MAML(mlp(), inner_lr=0.01, inner_steps=1, loss="mse")
     test_tasks = fastadapt.Sinusoid(seed=123).sample(200)
-    before = maml.fine_tune(test_tasks, steps=1).loss.item()
+    before = maml.fine_tune(test_tasks, inner_steps=1).loss.item()
     tasks = fastadapt.Sinusoid(seed=0)
     optimizer = torch.optim.Adam(maml.parameters(), lr=3e-3)
     for _ in range(300):
         optimizer.zero_grad()
         maml.meta_backward(tasks.sample(25))
         optimizer.step()
-    after = maml.fine_tune(test_tasks, steps=1).loss.item()
+    after = maml.fine_tune(test_tasks, inner_steps=1).loss.item()
     assert after < 0.5 * before, (before, after)
 
 

@@ -99,7 +99,7 @@ def test_running_statistics_are_recorded_per_step_while_meta_training_only():
         torch.testing.assert_close(learner.get_buffer(f"bn_running_mean_{i}"), 0.1 * expected_mean[i])
         torch.testing.assert_close(learner.get_buffer(f"bn_running_var_{i}"), 0.9 + 0.1 * expected_var[i])
     before = {n: b.clone() for n, b in learner.named_buffers()}
-    learner.fine_tune(batch, steps=3)
+    learner.fine_tune(batch, inner_steps=3)
     learner.adapt(batch.support_x[0], batch.support_y[0])
     learner.eval()
     learner.meta_loss(batch)
@@ -124,7 +124,7 @@ def test_running_mode_classifies_one_image_as_in_a_batch_and_touches_nothing():
     fast = learner.adapt(batch.support_x[0], batch.support_y[0])
     torch.testing.assert_close(learner.predict(fast, batch.query_x[0][:1]), learner.predict(fast, batch.query_x[0])[:1])
     torch.testing.assert_close(learner(batch.query_x[0][:1]), learner(batch.query_x[0])[:1])
-    scores = learner.fine_tune(batch, steps=4)  # more steps than trained: the last row is reused
+    scores = learner.fine_tune(batch, inner_steps=4)  # more steps than trained: the last row is reused
     assert scores.query_accuracy.shape == (5,)
     for name, value in learner.state_dict().items():
         assert torch.equal(value, state[name]), name

@@ -85,7 +85,7 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
     batch, truth = extract_episode_files(root, config, tmp_path / "files")
 
     steps = config.algorithm.inner_steps_test
-    evaluated = learner.fine_tune(batch, steps=steps).task_accuracy[:, -1]
+    evaluated = learner.fine_tune(batch, inner_steps=steps).task_accuracy[:, -1]
     reported = evaluate(learner, [batch], steps)
     predictor = Predictor.load(run, device="cpu", bn_statistics=bn_statistics)
     accuracies = []
@@ -95,7 +95,7 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
         labels = {p.rsplit("/", 1)[1]: int(name.split("-")[0]) for p, name in zip(prediction.sources, prediction.names)}
         # the same task through the loader's tensors, one query at a time in the loader's order
         with torch.no_grad():
-            fast = learner.adapt(batch.support_x[task], batch.support_y[task], steps=steps)
+            fast = learner.adapt(batch.support_x[task], batch.support_y[task], inner_steps=steps)
             loader_labels = learner.predict(fast, batch.query_x[task]).argmax(-1)
         assert [labels[name] for name in answers] == loader_labels.tolist()  # answers: the loader's order
         correct = sum(labels[name] == label for name, label in answers.items())
@@ -195,7 +195,7 @@ def test_more_shots_and_uneven_shots(glyph_run, tmp_path):
     labels = torch.tensor([int(p.parent.name[1]) for p in files])
     x = predictor.transform.load(files)
     with torch.no_grad():
-        fast = predictor.learner.adapt(x, labels, steps=predictor.inner_steps)
+        fast = predictor.learner.adapt(x, labels, inner_steps=predictor.inner_steps)
         direct = predictor.learner.predict(fast, predictor.transform.load(sorted(query.glob("*.png")))).argmax(-1)
     assert prediction.labels.tolist() == direct.tolist()
 

@@ -67,7 +67,7 @@ def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=
     for index, batch in tqdm(mine, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if should_stop is not None and should_stop():
             return None
-        out = learner.fine_tune(batch.to(device, dtype), steps=inner_steps)
+        out = learner.fine_tune(batch.to(device, dtype), inner_steps=inner_steps)
         accuracy = None if out.task_accuracy is None else out.task_accuracy.double().cpu()
         local.append((index, out.task_loss.double().cpu(), accuracy))
     results = sorted(distributed.gather(local, ctx), key=lambda r: r[0])

@@ -188,7 +188,8 @@ class Predictor:
             raise ValueError(f"the support set has {len(names)} classes, but the model is {self.n_way}-way "
                              f"(its output layer has {self.n_way} units)")
         with torch.no_grad():
-            self._fast = self.learner.adapt(x.to(self.device, self.dtype), y.to(self.device), steps=self.inner_steps)
+            self._fast = self.learner.adapt(x.to(self.device, self.dtype), y.to(self.device),
+                                            inner_steps=self.inner_steps)
         self.class_names = names
         return self
 

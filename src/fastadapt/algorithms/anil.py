@@ -21,7 +21,8 @@ class ANIL(MAML):
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, head: str = "head",
                  body: str = "features", classification=None):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile, classification)
+        super().__init__(model, inner_lr, inner_steps, first_order=first_order, loss=loss, task_chunk=task_chunk,
+                         compile=compile, classification=classification)
         for part in (head, body):
             if not hasattr(model, part):
                 raise ValueError(f"ANIL: the model has no submodule {part!r} (pass head=/body= names)")

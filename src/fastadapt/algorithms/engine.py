@@ -362,12 +362,21 @@ class MetaLearner(nn.Module):
         """The outer optimiser the Trainer uses: Adam at ``meta_lr`` (as in the MAML paper)."""
         return torch.optim.Adam(self.parameters(), lr=meta_lr)
 
-    def fine_tune(self, batch, steps: Optional[int] = None) -> MetaOutput:
-        """Adapt every task of ``batch`` for ``steps`` steps and score the query set after each.
+    def _steps(self, inner_steps: Optional[int], steps: Optional[int]) -> int:
+        """``inner_steps``, or its older name ``steps``, or the learner's own count."""
+        if steps is not None:
+            if inner_steps is not None and inner_steps != steps:
+                raise ValueError(f"inner_steps={inner_steps} and steps={steps}: give one (steps is its old name)")
+            inner_steps = steps
+        return self.inner_steps if inner_steps is None else inner_steps
+
+    def fine_tune(self, batch, inner_steps: Optional[int] = None, *, steps: Optional[int] = None) -> MetaOutput:
+        """Adapt every task of ``batch`` for ``inner_steps`` steps (default: the learner's) and score
+        the query set after each.
 
         Runs without recording any graph and leaves the meta-parameters and buffers untouched.
         """
-        steps = self.inner_steps if steps is None else steps
+        steps = self._steps(inner_steps, steps)
         with torch.no_grad():
             return self.run_tasks(batch, steps, per_step=True, create_graph=False)
 
@@ -375,7 +384,7 @@ class MetaLearner(nn.Module):
         # Class labels are [S] for one task; regression targets carry a feature axis, [S, D].
         return support_y.dim() == (2 if self.classification else 3)
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor,
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, inner_steps: Optional[int] = None, *,
               steps: Optional[int] = None) -> Params:
         """Fast weights adapted to one task (``support_x`` ``[S, ...]``) or to a batch of tasks
         (``[T, S, ...]``, giving weights with a leading task axis).
@@ -383,7 +392,7 @@ class MetaLearner(nn.Module):
         Differentiable w.r.t. the meta-parameters when gradients are enabled (second order unless
         the algorithm is first order). Touches neither the meta-parameters nor any buffer.
         """
-        steps = self.inner_steps if steps is None else steps
+        steps = self._steps(inner_steps, steps)
         params, buffers = self.meta_params(), self.model_buffers()
         create_graph = self.create_graph() and torch.is_grad_enabled()
 

@@ -78,4 +78,5 @@ class FirstOrderMAML(MAML):
 
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = True,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):
-        super().__init__(model, inner_lr, inner_steps, True, loss, task_chunk, compile, classification)
+        super().__init__(model, inner_lr, inner_steps, first_order=True, loss=loss, task_chunk=task_chunk,
+                         compile=compile, classification=classification)

@@ -74,7 +74,8 @@ class MAMLPlusPlus(MAML):
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, multi_step_loss: int = 0,
                  lslr: bool = False, first_order_until: int = 0, per_step_bn: bool = False,
                  bn_statistics: str = "batch", bn_momentum: float = 0.1, classification=None):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile, classification)
+        super().__init__(model, inner_lr, inner_steps, first_order=first_order, loss=loss, task_chunk=task_chunk,
+                         compile=compile, classification=classification)
         self.multi_step_loss, self.first_order_until = int(multi_step_loss), int(first_order_until)
         self.step_lrs: Optional[nn.Parameter] = None
         if lslr:

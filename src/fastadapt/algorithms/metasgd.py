@@ -19,7 +19,8 @@ class MetaSGD(MAML):
 
     def __init__(self, model, inner_lr: float = 0.4, inner_steps: int = 5, first_order: bool = False,
                  loss="cross_entropy", task_chunk="auto", compile: bool = False, classification=None):
-        super().__init__(model, inner_lr, inner_steps, first_order, loss, task_chunk, compile, classification)
+        super().__init__(model, inner_lr, inner_steps, first_order=first_order, loss=loss, task_chunk=task_chunk,
+                         compile=compile, classification=classification)
         # built from pairs, not a dict: ParameterDict sorts a plain dict's keys, which would list the
         # rates in name order (0, 11, 12, ..., 2) rather than in the model's parameter order
         self.inner_lrs = nn.ParameterDict([

@@ -172,7 +172,7 @@ class Meta(nn.Module):
             raise ValueError(f"finetunning takes one task: x_spt [setsz, c, h, w] and y_spt [setsz], got "
                              f"{tuple(x_spt.shape)} and {tuple(y_spt.shape)}")
         batch = TaskBatch(x_spt[None], y_spt[None], x_qry[None], y_qry[None])
-        out = self.maml.fine_tune(batch, steps=self.update_step_test)
+        out = self.maml.fine_tune(batch, inner_steps=self.update_step_test)
         return out.query_accuracy.detach().cpu().numpy()
 
     fine_tune = finetunning

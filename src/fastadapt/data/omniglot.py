@@ -11,7 +11,7 @@ import torch
 
 from .download import download as fetch
 from .download import extract_zip
-from .imageset import ImageSet, cache_location, cached_array, load_images
+from .imageset import ImageSet, cache_location, cached_array, load_images, remembered_array
 from .transform import ImageTransform
 
 SPLITS = {
@@ -130,7 +130,9 @@ class Omniglot(ImageSet):
             return load_images([(source, read) for _, source, read in entries], transform)[0]
 
         cache_path = cache_location(cache, root, f"{base}_{image_size}px")
-        images = torch.from_numpy(cached_array(cache_path, f"{fingerprint}:{sorted(alphabets or [])}", build))
+        key = f"{fingerprint}:{sorted(alphabets or [])}"
+        images = torch.from_numpy(remembered_array(("omniglot", key, image_size, str(cache_path)),
+                                                   lambda: cached_array(cache_path, key, build)))
         targets = torch.tensor([index[name] for name, _, _ in entries])
         sources = [source for _, source, _ in entries]
         if rotations:
