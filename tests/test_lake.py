@@ -96,3 +96,21 @@ def test_eval_protocol_lake_and_training_options_on_the_minimal_sets(tmp_path, c
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "proto"), "--protocol", "lake", "--episodes", "2", "--quiet"]) == 0
     assert "2 test tasks" in capsys.readouterr().out
+
+
+def test_minimal_preset_encodes_the_recipe_and_trains(tmp_path, capsys):
+    from fastadapt.cli import train_config
+
+    root = shared_data("omniglot/images_background_small1.zip").parent
+    shared_data("omniglot/images_background_small2.zip")
+    c = train_config(["--preset", "omniglot-minimal-20w1s", "--root", str(root)])
+    assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.training.cosine) == \
+        ("protonet", 20, 1, True, "alphabet", True)
+    assert (c.data.train_split, c.data.val_split) == ("background_small1", "background_small2")
+    assert c.training.eval_every == c.training.meta_steps  # validated once, at the end: no selection on test
+    run = tmp_path / "preset"
+    assert main(["train", "--preset", "omniglot-minimal-20w1s", "--root", str(root), "--steps", "2", "--hidden", "8",
+                 "--val-episodes", "2", "--test-episodes", "2", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--protocol", "lake", "--episodes", "2", "--quiet"]) == 0
+    assert "Lake et al.'s protocol" in capsys.readouterr().out

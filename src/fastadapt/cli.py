@@ -20,7 +20,9 @@ from .config import DATASETS, FLAT_KEYS, ConfigError, RunConfig
 from .evaluate import evaluate
 
 PRESET_HELP = ("MAML paper settings (Finn, Abbeel and Levine, ICML 2017, sec. 5 and app. A.1): "
-               + ", ".join(experiment.PRESETS))
+               + ", ".join(name for name in experiment.PRESETS if "minimal" not in name)
+               + "; omniglot-minimal-20w1s: the best recipe found for Lake's one-shot protocol trained on "
+                 "images_background_small1 alone (docs/results.md)")
 
 
 BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
