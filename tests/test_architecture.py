@@ -106,6 +106,18 @@ def test_configuration_round_trips_and_reads_older_flat_checkpoints():
                                                                                                      {"lslr": True})
     learner = experiment.build_learner(experiment.resolve(restored))
     assert isinstance(learner, MAMLPlusPlus) and learner.step_lrs is not None and not learner.per_step_bn
+    # and it held every algorithm's options, at their defaults where the run did not use them
+    # (the keys and values of 0.1.0 checkpoints' configurations); there, a false or zero MAML++
+    # option meant "unset", which --algo mamlpp turns on
+    every_option = dict(outer_lr=1.0, multi_step_loss=0, lslr=False, first_order_until=0, per_step_bn=False,
+                        bn_statistics="batch")
+    for algo, kept in (("protonet", {}), ("reptile", {"outer_lr": 1.0}),
+                       ("maml", {"lslr": True, "bn_statistics": "batch"}), ("mamlpp", {"bn_statistics": "batch"})):
+        stored = dict(old, algo=algo, **{**every_option, "lslr": algo == "maml"})
+        restored = experiment.resolve(experiment.stored_config(stored))
+        assert restored.algorithm.options == kept
+    learner = experiment.build_learner(restored)
+    assert learner.step_lrs is not None and learner.per_step_bn and learner.first_order_until > 0
 
 
 def test_mamlpp_turns_every_option_on_and_each_can_be_turned_off():

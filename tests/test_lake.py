@@ -1,13 +1,16 @@
 """Lake et al.'s one-shot protocol: episodes within one alphabet, support and queries by different
 drawers; augmentation of training episodes; ``eval --protocol lake``. On the real Omniglot zips."""
 
+import zipfile
+
 import numpy as np
 import pytest
 import torch
 
 from helpers import shared_data
+from fastadapt import experiment
 from fastadapt.cli import main
-from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine
+from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine, alphabets_of
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,37 @@ def test_within_alphabet_episodes_with_disjoint_drawers(small2):
     drawers = small2.drawers[torch.from_numpy(picks)]
     assert torch.equal(drawers, drawers[:, :1].expand_as(drawers))
     assert all(len(set(row.tolist())) == 5 for row in drawers[:, 0])
+
+
+def test_the_minimal_sets_share_greek_and_latin_so_evaluation_leaves_out_what_training_saw(small2):
+    root = shared_data("omniglot/images_background_small1.zip").parent
+    small1_zip = zipfile.ZipFile(root / "images_background_small1.zip")
+    small2_zip = zipfile.ZipFile(root / "images_background_small2.zip")
+
+    def contents(archive, alphabet):  # file name within the alphabet -> CRC-32 of its bytes
+        return {name.split("/", 2)[2]: archive.getinfo(name).CRC for name in archive.namelist()
+                if name.split("/")[1] == alphabet and name.endswith(".png")}
+
+    for alphabet in ("Greek", "Latin"):
+        assert contents(small1_zip, alphabet) and contents(small1_zip, alphabet) == contents(small2_zip, alphabet)
+    assert alphabets_of(root, "background_small1") == ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"]
+
+    config = experiment.resolve({**experiment.PRESETS["omniglot-minimal-20w1s"], "root": str(root)})
+    tasks, tested, left_out = experiment.lake_tasks(config, count=40)
+    assert tested == ["Japanese_(katakana)", "Sanskrit"] and left_out == ["Greek", "Latin"]
+    memorised = {image.numpy().tobytes() for image, target in zip(small2.images, small2.targets)
+                 if small2.alphabets[int(target)] in ("Greek", "Latin")}
+    shown = [image.numpy().tobytes() for batch in tasks for image in
+             torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])]
+    assert len(shown) == 40 * 40 and not memorised & set(shown)
+    _, val, test = experiment.build_sets(config)
+    for part in (val, test):
+        assert sorted(set(part.alphabets)) == ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
+        assert part.left_out == ["Greek", "Latin"]
+    with pytest.warns(UserWarning, match="include Greek, which the run trained on"):
+        assert experiment.lake_tasks(config, alphabets="Greek,Sanskrit", count=2)[2] == []
+    with pytest.raises(ValueError, match="every alphabet it has .* is excluded"):
+        Omniglot(root, "background_small1", exclude_alphabets=alphabets_of(root, "background_small1"))
 
 
 def test_grouping_and_drawer_errors(small2):
@@ -86,6 +120,7 @@ def test_eval_protocol_lake_and_training_options_on_the_minimal_sets(tmp_path, c
     assert main(["eval", str(tmp_path / "twenty"), "--protocol", "lake", "--episodes", "6", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Lake et al.'s protocol" in out and "6 test tasks" in out
+    assert "alphabets: Japanese_(katakana), Sanskrit (left out, seen in training: Greek, Latin)" in out
     assert main(["eval", str(tmp_path / "twenty"), "--protocol", "lake", "--episodes", "2", "--quiet",
                  "--alphabets", "Tagalog"]) == 2
     assert "n_way=20 is larger than the 17 classes" in capsys.readouterr().err

@@ -68,6 +68,56 @@ def test_resume_ends_bit_identical_to_uninterrupted_run(tmp_path):
     assert (tmp_path / "a" / "best.pt").is_file()
 
 
+def test_cosine_follows_the_closed_form_and_a_budget_ends_the_run_normally(tmp_path):
+    trainer = make_trainer(None, {"steps": 6, "eval_every": 100})
+    rates = []
+    real_on_step = trainer.learner.on_step
+
+    def recording_on_step(step):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return real_on_step(step)
+
+    trainer.learner.on_step = recording_on_step
+    trainer.fit(progress=False)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=trainer.config.training.meta_lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=6)
+    expected = []
+    for _ in range(6):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        cosine.step()
+    np.testing.assert_allclose(rates, expected, rtol=1e-9, atol=1e-15)
+
+    # a budget ends the run after the iteration that spends it, validates there, and the cosine
+    # follows the budget when it ends first
+    budgeted = make_trainer(tmp_path / "budget", {"steps": 1000, "eval_every": 1000, "budget": 1e-9})
+    budgeted.fit(progress=False)
+    assert budgeted.step == 1 and budgeted.finished() and budgeted.budget_used > 0
+    assert budgeted.optimizer.param_groups[0]["lr"] == 0.0
+    records = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val" in r] == [1]
+    assert load_checkpoint(tmp_path / "budget")["budget_used"] == budgeted.budget_used
+    half = make_trainer(None, {"steps": 1000, "budget": 10.0})
+    half.budget_used = 5.0
+    assert half._cosine_factor(100) == pytest.approx(0.5)  # half the budget spent, a tenth of the steps
+    assert half._cosine_factor(900) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+    with pytest.raises(ValueError, match="budget must be a positive"):
+        experiment.resolve({**TINY, "budget": 0})
+
+
+def test_budget_from_the_command_line_tests_the_run_and_resume_keeps_what_was_spent(tmp_path, capsys):
+    args = [a for a in TINY_ARGS if a != "--quiet"]
+    out = tmp_path / "run"
+    assert main(["train", *args, "--epoch", "100000", "--budget", "0.5", "--eval-every", "100000", "--quiet",
+                 "--out", str(out)]) == 0
+    state = load_checkpoint(out / "last.pt")
+    assert 0 < state["step"] < 100000 and state["budget_used"] >= 0.5
+    assert (out / "test.json").is_file() and "test" in capsys.readouterr().out.lower()
+    # the budget is spent: a resume has nothing left to do and keeps the step
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == state["step"]
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     trainer = make_trainer(tmp_path)
     real = trainer.tasks

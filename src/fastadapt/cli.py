@@ -55,6 +55,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="also save last.pt every SECONDS of training (0: after every meta-iteration)")
     add("--time-limit", type=float, metavar="SECONDS",
         help="stop cleanly after SECONDS of training in this session, saving last.pt (resume to go on)")
+    add("--budget", type=float, metavar="SECONDS",
+        help="end the run after SECONDS of meta-iterations (validation excluded, resumes included) as if "
+             "--steps were reached; --cosine then anneals over whichever ends first")
     add("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     add("--val-episodes", type=int, help="validation tasks")
     add("--test-episodes", type=int, help="test tasks evaluated at the end")
@@ -132,7 +135,8 @@ def train_config(argv) -> RunConfig:
 
 
 # What --resume may change; everything else about a run is fixed when it starts.
-RESUME_OVERRIDES = ("meta_steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit")
+RESUME_OVERRIDES = ("meta_steps", "device", "threads", "eval_every", "log_every", "checkpoint_every", "time_limit",
+                    "budget")
 
 
 def _resume_config(args, flags):
@@ -205,9 +209,7 @@ def _train(args, config, out: Path, ctx) -> int:
     trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx, writer=writer)
     if args.resume:
         trainer.resume(args.resume)
-        trainer.truncate_metrics()
-        if trainer.scheduler is not None:  # --steps may have extended the run: the cosine spans it all
-            trainer.scheduler.T_max = config.training.meta_steps
+        trainer.truncate_metrics()  # a --steps that extends the run stretches the cosine over it all
     say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main and config.training.device == "cpu" and not config.training.threads:
         _warn_if_busy()
@@ -305,9 +307,11 @@ def cmd_eval(args) -> int:
         elif config.data.n_way != 20:
             raise ValueError(f"--protocol lake is 20-way; {path} is a {config.data.n_way}-way model "
                              "(its output layer has that many units; a protonet run takes any number)")
-        tasks = experiment.lake_tasks(config, args.split or "background_small2", args.alphabets,
-                                      config.data.test_episodes)
+        tasks, tested, left_out = experiment.lake_tasks(config, args.split or "background_small2", args.alphabets,
+                                                        config.data.test_episodes)
         print("Lake et al.'s protocol: 20-way 1-shot within one alphabet, support and queries by different drawers")
+        print(f"alphabets: {', '.join(tested)}" + (f" (left out, seen in training: {', '.join(left_out)})"
+                                                   if left_out else ""))
     else:
         tasks = experiment.build_data(config, splits=("test",))["test"]
     print(f"{path} (step {state.get('step', '?')}):")

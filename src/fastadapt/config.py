@@ -191,7 +191,13 @@ class TrainingConfig:
     """The outer loop: ``meta_steps`` meta-iterations of Adam at ``meta_lr`` (optionally cosine
     annealed and clipped), validation every ``eval_every`` and metrics every ``log_every``
     iterations, ``last.pt`` every ``checkpoint_every`` seconds, an optional ``time_limit`` in
-    seconds, the seed, the device and torch's CPU ``threads``."""
+    seconds, the seed, the device and torch's CPU ``threads``.
+
+    ``time_limit`` stops one invocation safely (``last.pt`` saved, resumable, the schedule still
+    planned over ``meta_steps``); ``budget`` is the run's length in seconds of meta-iterations
+    (validation excluded, resumes included): the run ends there as if ``meta_steps`` were reached
+    (final validation, test), and ``cosine`` anneals over whichever of the two ends first, which is
+    what a comparison at equal wall-clock budgets needs."""
 
     meta_steps: int = 300
     meta_lr: float = 1e-3
@@ -204,6 +210,7 @@ class TrainingConfig:
     threads: Optional[int] = None
     checkpoint_every: float = 300.0
     time_limit: Optional[float] = None
+    budget: Optional[float] = None
 
     def check(self) -> None:
         where = "TrainingConfig."
@@ -211,7 +218,7 @@ class TrainingConfig:
             _integer(key, getattr(self, key), where + key, positive=True)
         _integer("seed", self.seed, where + "seed")
         self.meta_lr = _number("meta_lr", self.meta_lr, where + "meta_lr", positive=True)
-        for key in ("clip_grad", "time_limit"):
+        for key in ("clip_grad", "time_limit", "budget"):
             if getattr(self, key) is not None:
                 setattr(self, key, _number(key, getattr(self, key), where + key, positive=True))
         if self.threads is not None:

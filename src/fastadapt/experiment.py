@@ -7,6 +7,7 @@ defaults that depend on the data set filled in; the ``build_*`` functions make w
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,8 +64,20 @@ def with_bn_statistics(config: RunConfig, statistics) -> RunConfig:
 
 def stored_config(stored: dict) -> RunConfig:
     """The ``RunConfig`` a checkpoint stores (nested, or an older checkpoint's flat dict), unchecked:
-    what is changed for this machine (the device, say) is changed before ``resolve``."""
-    return RunConfig.from_dict(stored)
+    what is changed for this machine (the device, say) is changed before ``resolve``.
+
+    Flat dicts (fastadapt before the nested configuration) hold every algorithm's options, with
+    their defaults where the user set nothing: ``outer_lr`` in a ProtoNet run, ``lslr=False`` in a
+    ``mamlpp`` run, where it meant "MAML++'s choice" (on). Options the algorithm does not take, and
+    false or zero ones (unset, in that version), are dropped here."""
+    config = RunConfig.from_dict(stored)
+    flat = not any(isinstance(stored.get(section), dict) for section in ("data", "model", "algorithm", "training"))
+    algorithm = algorithms.registered().get(config.algorithm.name)
+    if flat and algorithm is not None:
+        accepted = {option.name for option in algorithm.accepted_options()}
+        config.algorithm.options = {k: v for k, v in config.algorithm.options.items()
+                                    if k in accepted and not (v is False or (type(v) is int and v == 0))}
+    return config
 
 
 def resolve(config=None) -> RunConfig:
@@ -185,6 +198,28 @@ def _alphabets(value):
     return list(value)
 
 
+def _alphabet_names(class_names) -> list:
+    return sorted({name.split("/")[0] for name in class_names})
+
+
+def _warn_if_seen(trained, named, what: str, train_split: str) -> None:
+    """Named evaluation alphabets that the model trained on score its memory, not one-shot learning."""
+    seen = sorted(set(named or ()) & set(trained))
+    if seen:
+        warnings.warn(f"{what} include {', '.join(seen)}, which the run trained on (Omniglot split "
+                      f"{train_split!r} has the same characters): their scores measure memory, not one-shot "
+                      "learning", stacklevel=3)
+
+
+def trained_alphabets(c: RunConfig) -> list:
+    """The Omniglot alphabets a run meta-trained on, from its configuration and the training split's
+    file names (the MAML protocol pools every alphabet)."""
+    d = c.data
+    if d.protocol == "maml":
+        return data.alphabets_of(d.root, "background") + data.alphabets_of(d.root, "evaluation")
+    return _alphabets(d.train_alphabets) or data.alphabets_of(d.root, d.train_split or "background")
+
+
 def build_sets(c: RunConfig):
     """(train, val, test) class-indexed sets of an image data set."""
     d, seed = c.data, c.training.seed
@@ -199,12 +234,16 @@ def build_sets(c: RunConfig):
         train_split = d.train_split or "background"
         val_split = d.val_split or "evaluation"
 
-        def load(split, alphabets, rotations):
+        def load(split, alphabets, rotations, exclude=()):
             return data.Omniglot(root, split, image_size=size, rotations=rotations, download=d.download,
-                                 alphabets=_alphabets(alphabets))
+                                 alphabets=_alphabets(alphabets), exclude_alphabets=exclude)
         train = load(train_split, d.train_alphabets, d.rotations)
-        val = load(val_split, d.val_alphabets, False)
-        test = load(d.test_split or val_split, d.test_alphabets or d.val_alphabets, False)
+        trained = _alphabet_names(train.class_names)
+        test_split, test_alphabets = d.test_split or val_split, d.test_alphabets or d.val_alphabets
+        val = load(val_split, d.val_alphabets, False, () if d.val_alphabets else trained)
+        test = load(test_split, test_alphabets, False, () if test_alphabets else trained)
+        for part, split, named in (("validation", val_split, d.val_alphabets), ("test", test_split, test_alphabets)):
+            _warn_if_seen(trained, _alphabets(named), f"the {part} alphabets of {split!r}", train_split)
         return train, val, test
     if name == "miniimagenet":
         return tuple(data.MiniImageNet(root, s, image_size=size) for s in ("train", "val", "test"))
@@ -239,14 +278,33 @@ def _first_tasks(sampler, count: int):
 def lake_tasks(c: RunConfig, split: str = "background_small2", alphabets=None, count: int = 600):
     """Lake et al.'s one-shot protocol (Science 2015) on an Omniglot split: 20-way 1-shot, every
     task's 20 characters from one alphabet, its support images by one drawer and its queries (one
-    per character) by another. ``count`` fixed tasks, in batches of ``eval_batch``."""
+    per character) by another; ``count`` fixed tasks, in batches of ``eval_batch``.
+
+    Only alphabets the run did not train on are used, unless ``alphabets`` names some: the minimal
+    sets share Greek and Latin, image for image, and a model trained on ``background_small1``
+    scores its memory on them. Alphabets with fewer than 20 characters are skipped.
+    Returns ``(tasks, alphabets tested, alphabets left out as seen in training)``."""
     if c.data.dataset != "omniglot":
         raise ValueError(f"--protocol lake evaluates on Omniglot; this run's data set is {c.data.dataset}")
-    images = data.Omniglot(c.data.root, split, image_size=c.data.image_size, alphabets=_alphabets(alphabets))
+    chosen = _alphabets(alphabets)
+    try:
+        trained = trained_alphabets(c)
+    except FileNotFoundError as error:
+        if chosen is None:
+            raise FileNotFoundError(f"{error}. The protocol leaves out the alphabets the run trained on, so it "
+                                    "reads the training split's names; or name the alphabets to test on "
+                                    "(--alphabets)") from None
+        trained = []
+    _warn_if_seen(trained, chosen, f"the alphabets of {split!r}", c.data.train_split or "background")
+    images = data.Omniglot(c.data.root, split, image_size=c.data.image_size, alphabets=chosen,
+                           exclude_alphabets=() if chosen else trained)
+    sizes = {}
+    for name in images.class_names:
+        sizes[name.split("/")[0]] = sizes.get(name.split("/")[0], 0) + 1
     batch = min(c.data.eval_batch, count)
     sampler = data.EpisodeSampler(images, 20, 1, 1, batch, seed=c.training.seed + 2, group_by="alphabet",
                                   drawers="disjoint")
-    return _first_tasks(sampler, count)
+    return _first_tasks(sampler, count), sorted(a for a, n in sizes.items() if n >= 20), images.left_out
 
 
 def build_data(c: RunConfig, splits=("train", "val", "test")):

@@ -102,7 +102,10 @@ class Trainer:
         self.device = torch.device(t.device)
         self.dtype = next(learner.parameters()).dtype
         self.optimizer = learner.make_optimizer(t.meta_lr)
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.meta_steps)
+        # seconds of meta-iterations over the whole run (resumes included; validation excluded),
+        # the same on every rank: what ``budget`` limits
+        self.budget_used = 0.0
+        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._cosine_factor)
                           if t.cosine else None)
         self.step = 0
         # time in the meta-iterations this process ran (validation excluded), and how many it ran
@@ -124,7 +127,7 @@ class Trainer:
             "tasks": self._tasks_state, "version": __version__, "best_step": self.best_step,
             "validated_step": self.validated_step, "first_loss": self.first_loss,
             "transform": self.transform.to_dict() if self.transform is not None else None,
-            "class_names": self.class_names,
+            "class_names": self.class_names, "budget_used": self.budget_used,
         }
 
     def save(self, name: str = "last.pt") -> Optional[Path]:
@@ -161,6 +164,7 @@ class Trainer:
         # older checkpoints were written only after validation: their step counts as validated
         self.validated_step = int(state.get("validated_step", self.step))
         self.first_loss = state.get("first_loss")
+        self.budget_used = float(state.get("budget_used", 0.0))
         best = Path(path if Path(path).is_dir() else Path(path).parent) / "best.pt"
         if self.best is not None and best.is_file():
             self.best_model = load_checkpoint(best)["model"]
@@ -198,7 +202,21 @@ class Trainer:
 
     def _validation_due(self) -> bool:
         t = self.training
-        return bool(self.val_tasks) and self.step > 0 and (self.step % t.eval_every == 0 or self.step == t.meta_steps)
+        return bool(self.val_tasks) and self.step > 0 and (self.step % t.eval_every == 0 or self.finished())
+
+    def finished(self) -> bool:
+        """Whether the run has done its ``meta_steps`` or spent its ``budget``."""
+        t = self.training
+        return self.step >= t.meta_steps or (t.budget is not None and self.budget_used >= t.budget)
+
+    def _cosine_factor(self, step: int) -> float:
+        """The cosine schedule's multiplier of ``meta_lr`` after ``step`` steps: it anneals to 0 over
+        the planned steps or, with a ``budget``, over whichever of the two ends first."""
+        t = self.training
+        progress = step / t.meta_steps
+        if t.budget is not None:
+            progress = max(progress, self.budget_used / t.budget)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     def validate(self, progress: bool = False):
         # a stop asked for during validation is taken between batches (not under torch.distributed,
@@ -271,7 +289,7 @@ class Trainer:
             if self._validation_due() and self.validated_step < self.step:  # it was interrupted
                 self._validate_and_save(bar, progress)
             stream = iter(self.tasks)
-            while self.step < t.meta_steps:
+            while not self.finished():
                 if time_limit is not None and time.monotonic() - started >= time_limit and self.stop_request is None:
                     self.request_stop(f"time limit of {time_limit:g} s", 0)
                 if self._stop_now():
@@ -293,11 +311,14 @@ class Trainer:
                 self.optimizer.step()
                 if not self.weights_finite():
                     raise self._diverged("the meta-parameters became non-finite")
+                seconds = time.perf_counter() - start
+                if t.budget is not None:
+                    self.budget_used += distributed.average(torch.tensor(seconds), self.dist).item()
                 if self.scheduler:
                     self.scheduler.step()
                 self.step += 1
                 self._tasks_state = self.tasks.state_dict()
-                self.step_seconds += time.perf_counter() - start
+                self.step_seconds += seconds
                 self.steps_run += 1
                 bar.update(1)
                 if logging:

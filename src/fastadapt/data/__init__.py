@@ -6,10 +6,10 @@ from .folder import ImageFolder
 from .glyphs import Glyphs
 from .imageset import ImageSet
 from .miniimagenet import MiniImageNet
-from .omniglot import Omniglot, maml_protocol
+from .omniglot import Omniglot, alphabets_of, maml_protocol
 from .sampler import EpisodeSampler
 from .sinusoid import Sinusoid
 from .transform import ImageTransform
 
-__all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "maml_protocol",
+__all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "alphabets_of", "maml_protocol",
            "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform", "RandomAffine"]

@@ -53,6 +53,21 @@ def _list_source(root: Path, base: str):
     return None, None
 
 
+def alphabets_of(root, split: str) -> list:
+    """The alphabet names of an Omniglot split, read from its file names (nothing is decoded).
+    The splits are cut from one collection, so an alphabet name found in two splits is the same
+    characters drawn by the same people: ``background_small1`` and ``background_small2`` share
+    Greek and Latin, and both are inside ``background``."""
+    if split not in SPLITS:
+        raise ValueError(f"Omniglot: split must be one of {sorted(SPLITS)}, got {split!r}")
+    root = Path(root).expanduser()
+    entries, _ = _list_source(root, SPLITS[split])
+    if entries is None:
+        raise FileNotFoundError(f"Omniglot split {split!r}: neither {root / SPLITS[split]}/ nor "
+                                f"{root / (SPLITS[split] + '.zip')} exists")
+    return sorted({name.split("/")[0] for name, _, _ in entries})
+
+
 def _drawer_of(source: str) -> int:
     """The drawer number in an Omniglot file name (``0394_07.png`` -> 7), or -1."""
     stem = source.replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
@@ -83,7 +98,9 @@ class Omniglot(ImageSet):
     Images are resized to ``image_size`` (Lanczos) and inverted, so strokes are bright on a zero
     background (``default_transform``, stored in checkpoints so ``predict`` reads files the same
     way); ``sources`` names each image's file (``zip:member`` or path), ``drawers`` each image's
-    drawer (from its file name). ``alphabets`` keeps only the named alphabets; ``rotations=True``
+    drawer (from its file name). ``alphabets`` keeps only the named alphabets, and
+    ``exclude_alphabets`` drops those named (``left_out`` lists the ones this split had: the
+    alphabets a model trained on, to test it on unseen ones; see ``alphabets_of``); ``rotations=True``
     adds rotated copies of each character as new classes (the MAML paper's augmentation). The
     decoded images are cached
     as ``.npy`` if asked: ``cache=True`` next to the data (when that folder is writable), a path
@@ -96,7 +113,8 @@ class Omniglot(ImageSet):
         return ImageTransform(image_size, channels=1, resample="lanczos", invert=True, background="dark")
 
     def __init__(self, root, split: str = "background", image_size: int = 28, rotations: bool = False,
-                 download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=False):
+                 download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=False,
+                 exclude_alphabets: Iterable[str] = ()):
         if split not in SPLITS:
             raise ValueError(f"Omniglot: split must be one of {sorted(SPLITS)}, got {split!r}")
         root = Path(root).expanduser()
@@ -122,6 +140,14 @@ class Omniglot(ImageSet):
                                  f"it has {sorted(known)}")
             class_names = [n for n in class_names if n.split("/")[0] in wanted]
             entries = [e for e in entries if e[0].split("/")[0] in wanted]
+        present = sorted({name.split("/")[0] for name in class_names})
+        self.left_out = [name for name in present if name in set(exclude_alphabets)]
+        if self.left_out:
+            if len(self.left_out) == len(present):
+                raise ValueError(f"Omniglot split {split!r}: every alphabet it has ({', '.join(present)}) is "
+                                 "excluded (seen in training); evaluate on another split or name other alphabets")
+            class_names = [n for n in class_names if n.split("/")[0] not in self.left_out]
+            entries = [e for e in entries if e[0].split("/")[0] not in self.left_out]
         index = {name: i for i, name in enumerate(class_names)}
 
         transform = self.default_transform(image_size)
@@ -130,7 +156,7 @@ class Omniglot(ImageSet):
             return load_images([(source, read) for _, source, read in entries], transform)[0]
 
         cache_path = cache_location(cache, root, f"{base}_{image_size}px")
-        key = f"{fingerprint}:{sorted(alphabets or [])}"
+        key = f"{fingerprint}:{sorted(alphabets or [])}" + (f":without:{self.left_out}" if self.left_out else "")
         images = torch.from_numpy(remembered_array(("omniglot", key, image_size, str(cache_path)),
                                                    lambda: cached_array(cache_path, key, build)))
         targets = torch.tensor([index[name] for name, _, _ in entries])
