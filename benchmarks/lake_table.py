@@ -15,7 +15,8 @@ exists is not repeated.
     python benchmarks/lake_table.py ... --ablation --runs runs/ablation
 
 ``--ablation`` trains ProtoNet with the ``omniglot-minimal-20w1s`` recipe (``--augment --group-by
-alphabet --cosine``), then with each of its options taken out in turn, and with a wider network.
+alphabet --cosine``), then with each of its options taken out in turn, with a wider network and
+with the MAML paper's rotated characters as extra classes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ABLATION = {  # row name -> ProtoNet's training options
     "without --cosine": ["--augment", "--group-by", "alphabet"],
     "none of them": [],
     "recipe with --hidden 128": [*RECIPE, "--hidden", "128"],
+    "recipe with --rotations (rotated characters as new classes)": [*RECIPE, "--rotations"],
 }
 
 

@@ -2,6 +2,7 @@
 API terms, classification is declared, old names keep working, and the layers import downwards."""
 
 import ast
+import warnings
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,13 @@ def test_mamlpp_turns_every_option_on_and_each_can_be_turned_off():
     assert off.step_lrs is None and not off.per_step_bn and off.multi_step_loss == 1
     args = build_parser().parse_args(["train", "--algo", "mamlpp", "--no-lslr"])
     assert args.lslr is False
+    # schedules in iterations cannot follow a budget in seconds: say so when they are left to default
+    with pytest.warns(UserWarning, match="first_order_until default to fractions of meta_steps"):
+        experiment.build_learner(experiment.resolve(dict(TINY, algo="mamlpp", meta_steps=10**6, budget=60)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        experiment.build_learner(experiment.resolve(dict(TINY, algo="mamlpp", meta_steps=10**6, budget=60,
+                                                         multi_step_loss=50, first_order_until=100)))
 
 
 def test_classification_is_declared_not_guessed():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastadapt import MAML
@@ -26,18 +27,37 @@ def with_step_bn(model, learner, fast, step):
     return out
 
 
-def reference_meta_loss(model, learner, batch, inner_lr, steps):
+def running_forward(model, learner, params, x, step):
+    """``model`` in eval mode (BatchNorm normalises with running statistics), given step ``step``'s
+    recorded rows as its running statistics."""
+    row = min(step, learner.inner_steps - 1)
+    statistics = {}
+    for index, name in enumerate(bn_names(model)):
+        statistics[f"{name}.running_mean"] = learner.get_buffer(f"bn_running_mean_{index}")[row]
+        statistics[f"{name}.running_var"] = learner.get_buffer(f"bn_running_var_{index}")[row]
+    model.eval()
+    try:
+        return functional_call(model, {**params, **statistics}, (x,))
+    finally:
+        model.train()
+
+
+def reference_meta_loss(model, learner, batch, inner_lr, steps, running=False):
     """Loop over tasks with autograd.grad(create_graph=True); BatchNorm weights are never updated."""
     names = [n for n in dict(model.named_parameters()) if n.rpartition(".")[0] not in bn_names(model)]
+
+    def at(view, x, step):
+        return running_forward(model, learner, view, x, step) if running else forward(model, view, x)
+
     total = 0
     for t in range(batch.num_tasks):
         fast = dict(model.named_parameters())
         for step in range(steps):
             view = with_step_bn(model, learner, fast, step)
-            loss = F.cross_entropy(forward(model, view, batch.support_x[t]), batch.support_y[t])
+            loss = F.cross_entropy(at(view, batch.support_x[t], step), batch.support_y[t])
             grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=True)
             fast = {**fast, **{n: fast[n] - inner_lr * g for n, g in zip(names, grads)}}
-        query = forward(model, with_step_bn(model, learner, fast, steps - 1), batch.query_x[t])
+        query = at(with_step_bn(model, learner, fast, steps - 1), batch.query_x[t], steps - 1)
         total = total + F.cross_entropy(query, batch.query_y[t]) / batch.num_tasks
     return total
 
@@ -57,6 +77,28 @@ def test_per_step_batch_norm_weights_match_a_second_order_loop_reference():
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     assert all(g.abs().sum() > 0 for g in ours)  # every step's table takes part
+
+
+def test_meta_training_in_running_mode_normalises_every_pass_with_the_recorded_statistics():
+    """Non-transductive meta-training (``bn_statistics="running"`` while training): the statistics
+    are recorded first, then every support and query pass, and their second-order meta-gradient,
+    use step s's recorded rows, as a model in eval mode would."""
+    model, batch = small_conv4(), image_batch()
+    learner = MAML(model, inner_lr=0.3, inner_steps=3, per_step_bn=True, bn_statistics="running").double()
+    with torch.no_grad():
+        for table in [*learner.bn_step_weights, *learner.bn_step_biases]:
+            table.add_(torch.randn_like(table) * 0.3)
+    learner.meta_backward(batch)
+    recorded = {n: b.clone() for n, b in learner.named_buffers()}
+    out = learner.meta_loss(batch)  # records once more, then scores
+    assert all(not torch.equal(b, recorded[n]) for n, b in learner.named_buffers() if n.startswith("bn_running"))
+    reference = reference_meta_loss(model, learner, batch, 0.3, 3, running=True)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    transductive = reference_meta_loss(model, learner, batch, 0.3, 3)
+    assert (out.loss - transductive).abs() > 1e-3  # not the batch-statistics loss
+    everything = list(learner.parameters())
+    for a, b in zip(torch.autograd.grad(out.loss, everything), torch.autograd.grad(reference, everything)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
 
 def test_running_statistics_are_recorded_per_step_while_meta_training_only():

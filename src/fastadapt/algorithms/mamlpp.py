@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -61,6 +62,12 @@ class MAMLPlusPlus(MAML):
                   per_step_bn=any(isinstance(m, _BatchNorm) for m in model.modules()))
         chosen = {key: a.options.get(key) if a.options.get(key) is not None else (value if everything else type(value)())
                   for key, value in on.items()}
+        derived = [key for key in ("multi_step_loss", "first_order_until") if a.options.get(key) is None]
+        if everything and derived and config.training.budget is not None:
+            warnings.warn(f"mamlpp: {' and '.join(derived)} default to fractions of meta_steps ({steps}), but the "
+                          f"run ends at its budget of {config.training.budget:g} s; set them in iterations "
+                          "(--multi-step-loss, --first-order-until) for the iterations the budget allows",
+                          stacklevel=2)
         if a.options.get("bn_statistics") == "running" and not chosen["per_step_bn"]:
             raise ConfigError("bn_statistics", "is 'running', which reads per-step statistics recorded in "
                                                "meta-training: it needs a run trained with per-step BatchNorm "
