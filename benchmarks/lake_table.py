@@ -42,7 +42,8 @@ ABLATION = {  # row name -> ProtoNet's training options
     "without --cosine": ["--augment", "--group-by", "alphabet"],
     "none of them": [],
     "recipe with --hidden 128": [*RECIPE, "--hidden", "128"],
-    "recipe with --rotations (rotated characters as new classes)": [*RECIPE, "--rotations"],
+    "without --group-by alphabet, with --rotations (rotated characters as new classes)":
+        ["--augment", "--cosine", "--rotations"],
 }
 
 
