@@ -139,8 +139,8 @@ def test_minimal_preset_encodes_the_recipe_and_trains(tmp_path, capsys):
     root = shared_data("omniglot/images_background_small1.zip").parent
     shared_data("omniglot/images_background_small2.zip")
     c = train_config(["--preset", "omniglot-minimal-20w1s", "--root", str(root)])
-    assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.training.cosine) == \
-        ("protonet", 20, 1, True, None, True)
+    assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.data.rotations,
+            c.training.cosine) == ("protonet", 20, 1, True, None, True, True)
     assert (c.data.train_split, c.data.val_split) == ("background_small1", "background_small2")
     assert c.training.eval_every == c.training.meta_steps  # validated once, at the end: no selection on test
     run = tmp_path / "preset"
