@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import algorithms, data, models
-from .config import ConfigError, RunConfig
+from .config import SECTIONS, ConfigError, RunConfig
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1), as flat keys.
 _OMNIGLOT = dict(dataset="omniglot", protocol="maml", rotations=True, k_query=15, meta_steps=60000, eval_every=1000)
@@ -35,8 +35,9 @@ PRESETS = {
     # that scored best in the 600 s ablation: ProtoNet on 20-way 1-shot tasks drawn across the
     # alphabets (within-alphabet training tasks scored 3 points lower), with the rotated characters
     # as extra classes (3.6 points), augmented (26 points), cosine-annealed (2 points), 3,000
-    # iterations (about what 600 s allows here; 8,000 gained nothing on unseen alphabets). Validation runs once, at the end, so that nothing is selected
-    # on background_small2's unseen alphabets. The MAML settings apply with --algo maml.
+    # iterations (about what 600 s allows here; 8,000 gained nothing on unseen alphabets).
+    # Validation runs once, at the end, so that nothing is selected on background_small2's unseen
+    # alphabets. The MAML settings apply with --algo maml.
     "omniglot-minimal-20w1s": dict(dataset="omniglot", train_split="background_small1",
                                    val_split="background_small2", algo="protonet", n_way=20, k_shot=1, k_query=5,
                                    task_batch=4, inner_steps=5, inner_lr=0.1, inner_steps_test=5, augment=True,
@@ -72,7 +73,7 @@ def stored_config(stored: dict) -> RunConfig:
     ``mamlpp`` run, where it meant "MAML++'s choice" (on). Options the algorithm does not take, and
     false or zero ones (unset, in that version), are dropped here."""
     config = RunConfig.from_dict(stored)
-    flat = not any(isinstance(stored.get(section), dict) for section in ("data", "model", "algorithm", "training"))
+    flat = not any(isinstance(stored.get(section), dict) for section in SECTIONS)
     algorithm = algorithms.registered().get(config.algorithm.name)
     if flat and algorithm is not None:
         accepted = {option.name for option in algorithm.accepted_options()}

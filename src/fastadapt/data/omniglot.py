@@ -140,8 +140,8 @@ class Omniglot(ImageSet):
                                  f"it has {sorted(known)}")
             class_names = [n for n in class_names if n.split("/")[0] in wanted]
             entries = [e for e in entries if e[0].split("/")[0] in wanted]
-        present = sorted({name.split("/")[0] for name in class_names})
-        self.left_out = [name for name in present if name in set(exclude_alphabets)]
+        present, excluded = sorted({name.split("/")[0] for name in class_names}), set(exclude_alphabets)
+        self.left_out = [name for name in present if name in excluded]
         if self.left_out:
             if len(self.left_out) == len(present):
                 raise ValueError(f"Omniglot split {split!r}: every alphabet it has ({', '.join(present)}) is "
