@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -200,10 +201,6 @@ def _alphabets(value):
     return list(value)
 
 
-def _alphabet_names(class_names) -> list:
-    return sorted({name.split("/")[0] for name in class_names})
-
-
 def _warn_if_seen(trained, named, what: str, train_split: str) -> None:
     """Named evaluation alphabets that the model trained on score its memory, not one-shot learning."""
     seen = sorted(set(named or ()) & set(trained))
@@ -240,7 +237,7 @@ def build_sets(c: RunConfig):
             return data.Omniglot(root, split, image_size=size, rotations=rotations, download=d.download,
                                  alphabets=_alphabets(alphabets), exclude_alphabets=exclude)
         train = load(train_split, d.train_alphabets, d.rotations)
-        trained = _alphabet_names(train.class_names)
+        trained = sorted(set(train.alphabets))
         test_split, test_alphabets = d.test_split or val_split, d.test_alphabets or d.val_alphabets
         val = load(val_split, d.val_alphabets, False, () if d.val_alphabets else trained)
         test = load(test_split, test_alphabets, False, () if test_alphabets else trained)
@@ -300,9 +297,7 @@ def lake_tasks(c: RunConfig, split: str = "background_small2", alphabets=None, c
     _warn_if_seen(trained, chosen, f"the alphabets of {split!r}", c.data.train_split or "background")
     images = data.Omniglot(c.data.root, split, image_size=c.data.image_size, alphabets=chosen,
                            exclude_alphabets=() if chosen else trained)
-    sizes = {}
-    for name in images.class_names:
-        sizes[name.split("/")[0]] = sizes.get(name.split("/")[0], 0) + 1
+    sizes = Counter(images.alphabets)
     batch = min(c.data.eval_batch, count)
     sampler = data.EpisodeSampler(images, 20, 1, 1, batch, seed=c.training.seed + 2, group_by="alphabet",
                                   drawers="disjoint")
