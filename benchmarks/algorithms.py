@@ -1,7 +1,7 @@
 """Seconds per meta-iteration of every algorithm on the shared Omniglot-sized setting.
 
 conv4-64, 28x28, 5-way 1-shot, 15 queries per class, 32 tasks, 5 inner steps (inner lr 0.4; 0.05
-for Reptile), one ``meta_backward`` and one optimiser step per iteration, median of ``--reps``
+for Reptile), one ``train_step`` (gradient and update) per iteration, median of ``--reps``
 after a warm-up, all in one run so the ratios are comparable on a noisy machine.
 
     python benchmarks/algorithms.py [--reps 3] [--device cuda]
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fastadapt.algorithms import ANIL, MAML, MetaSGD, ProtoNet, Reptile
+from fastadapt.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD, ProtoNet, Reptile
 from fastadapt.data import TaskBatch
 from fastadapt.models import conv4
 
@@ -33,7 +33,7 @@ def make_batch(device):
 ALGORITHMS = {
     "MAML (second order)": lambda m: MAML(m, 0.4, STEPS),
     "first-order MAML": lambda m: MAML(m, 0.4, STEPS, first_order=True),
-    "MAML++ (all options)": lambda m: MAML(m, 0.4, STEPS, lslr=True, multi_step_loss=100, per_step_bn=True),
+    "MAML++ (all options)": lambda m: MAMLPlusPlus(m, 0.4, STEPS, lslr=True, multi_step_loss=100, per_step_bn=True),
     "Meta-SGD": lambda m: MetaSGD(m, 0.4, STEPS),
     "ANIL (second order)": lambda m: ANIL(m, 0.4, STEPS),
     "Reptile (SGD inner)": lambda m: Reptile(m, 0.05, STEPS),
@@ -58,9 +58,7 @@ def main():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            optimizer.zero_grad()
-            learner.meta_backward(batch)
-            optimizer.step()
+            learner.train_step(batch, optimizer)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             if rep:

@@ -91,9 +91,7 @@ def time_iterations(setting: str, options: list, algos: list, reps: int) -> dict
             # halfway through training: MAML++'s derivative-order annealing is second order by then
             learner.on_step(config.training.meta_steps // 2)
             start = time.perf_counter()
-            optimizer.zero_grad()
-            learner.meta_backward(batch)
-            optimizer.step()
+            learner.train_step(batch, optimizer)
             if rep:
                 seconds[algo].append(time.perf_counter() - start)
     return {algo: statistics.median(values) for algo, values in seconds.items()}

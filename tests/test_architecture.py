@@ -154,7 +154,8 @@ def test_classification_is_declared_not_guessed():
 
 def test_old_names_still_work():
     model = small_conv4()
-    learner = MAML(model, inner_lr=0.4, inner_steps=2, per_step_bn=True, lslr=True)
+    with pytest.warns(DeprecationWarning, match="MAMLPlusPlus"):
+        learner = MAML(model, inner_lr=0.4, inner_steps=2, per_step_bn=True, lslr=True)
     assert type(learner) is MAMLPlusPlus and learner.per_step_bn
     assert learner.step_lrs.shape == (2, len(list(model.parameters())))
     assert type(MAML(small_conv4())) is MAML
@@ -207,3 +208,132 @@ def test_layers_import_downwards_and_algorithms_use_no_private_engine_names():
     for path in tests.glob("test_*.py"):
         bad = [m for _, m, _ in _imports(path) if m.startswith(("test_", "conftest", "reference"))]
         assert not bad, (path.name, bad)
+
+
+# ---------------------------------------------------------------------------- the engine's hooks
+class CountingMAML(MAML):
+    """MAML that counts the meta-batches ``before_meta_batch`` is told of (unregistered: no name)."""
+
+    seen = 0
+
+    def before_meta_batch(self, batch):
+        self.seen += batch.num_tasks
+
+
+def test_before_meta_batch_is_called_once_per_training_meta_batch_and_not_at_test_time():
+    learner, batch = CountingMAML(small_conv4(), inner_steps=1), image_batch()
+    learner.meta_backward(batch)
+    learner.meta_loss(batch)
+    assert learner.seen == 2 * batch.num_tasks
+    learner.fine_tune(batch, inner_steps=1)
+    learner.eval()
+    learner.meta_loss(batch)
+    assert learner.seen == 2 * batch.num_tasks
+
+
+class ScaledOutput(MAML):
+    """MAML whose adapted task output is scaled by 3: ``task_output`` is what is scored and predicted."""
+
+    def task_output(self, fast, buffers, x):
+        return 3 * self.forward_with(fast, buffers, x)
+
+
+def test_task_output_is_what_the_query_loss_and_predict_score():
+    model, batch = small_conv4(), image_batch()
+    plain, scaled = MAML(model, inner_steps=1), ScaledOutput(model, inner_steps=1)
+    fast = plain.adapt(batch.support_x[0], batch.support_y[0])
+    query = batch.query_x[0]
+    torch.testing.assert_close(scaled.predict(fast, query), 3 * plain.predict(fast, query))
+    expected = F.cross_entropy(3 * plain.predict(fast, query), batch.query_y[0])
+    torch.testing.assert_close(scaled.meta_loss(batch[:1]).loss, expected)
+
+
+def test_default_train_step_is_backward_then_before_update_then_clip_then_step():
+    model, batch = small_conv4(), image_batch()
+    learner = MAML(model, inner_steps=1)
+    reference = MAML(small_conv4(), inner_steps=1)
+    reference.load_state_dict(learner.state_dict())
+    optimizer, expected_optimizer = torch.optim.SGD(learner.parameters(), lr=0.1), None
+    seen = []
+
+    def before_update(out):  # the gradient is there, the weights not yet changed
+        seen.append((float(out.loss), [p.grad.clone() for p in learner.parameters()],
+                     [p.detach().clone() for p in learner.parameters()]))
+
+    out = learner.train_step(batch, optimizer, clip_grad=1e-3, before_update=before_update)
+    expected_out = reference.meta_backward(batch)
+    expected_grads = [p.grad.clone() for p in reference.parameters()]
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e-3)
+    expected_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    expected_optimizer.step()
+    torch.testing.assert_close(out.loss, expected_out.loss)
+    loss, grads, weights = seen[0]
+    assert loss == float(expected_out.loss)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    for w, p in zip(weights, reference.parameters()):  # before_update saw the weights before the step
+        assert not torch.equal(w, p.detach())
+    for a, b in zip(learner.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b)
+    # an error in before_update (the Trainer's divergence guard) stops the update
+    before = [p.detach().clone() for p in learner.parameters()]
+
+    def refuse(out):
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        learner.train_step(batch, optimizer, before_update=refuse)
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+
+
+class HalfStep(MetaLearner):
+    """A toy algorithm whose update is not a gradient step: ``train_step`` halves every weight."""
+
+    def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
+        for _ in range(steps + 1):
+            yield params
+
+    def train_step(self, batch, optimizer, *, per_step=False, clip_grad=None, before_update=None):
+        out = self.fine_tune(batch, inner_steps=0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(0.5)
+        return out
+
+
+def test_an_algorithm_s_own_train_step_is_what_the_trainer_runs(tmp_path):
+    learner = HalfStep(small_conv4(torch.float32), inner_steps=0)
+    before = [p.detach().clone() for p in learner.parameters()]
+    sampler = fastadapt.data.EpisodeSampler(fastadapt.data.Glyphs(6, image_size=8, examples_per_class=3), 3, 1, 1,
+                                            batch_size=2)
+    Trainer(learner, sampler, dict(meta_steps=3, eval_every=10, log_every=1), tmp_path / "run").fit(progress=False)
+    for b, p in zip(before, learner.parameters()):
+        torch.testing.assert_close(p.detach(), b / 8)
+
+
+def test_extensions_route_their_options_and_the_old_spelling_warns():
+    from fastadapt.algorithms import registry
+    assert MAMLPlusPlus in registry.extensions_of("maml") and MAMLPlusPlus in registry.extensions_of("fomaml")
+    assert {"lslr", "per_step_bn"} <= {o.name for o in MAML.accepted_options()}
+    first = experiment.build_learner(experiment.resolve(dict(TINY, algo="fomaml", lslr=True)))
+    assert type(first) is MAMLPlusPlus and first.first_order and first.step_lrs is not None
+    assert type(experiment.build_learner(experiment.resolve(dict(TINY, algo="maml")))) is MAML
+    with pytest.warns(DeprecationWarning, match="MAMLPlusPlus"):
+        assert type(MAML(small_conv4(), lslr=True)) is MAMLPlusPlus
+    with pytest.raises(TypeError):
+        MAML(small_conv4(), no_such_option=1)
+    maml_source = (SRC / "algorithms" / "maml.py").read_text()
+    assert "mamlpp" not in maml_source and "MAMLPlusPlus" not in maml_source
+
+
+def test_use_classes_accepts_any_number_for_prototypes_and_refuses_another_output_size():
+    from fastadapt.algorithms import ProtoNet
+    maml = MAML(small_conv4(), inner_steps=1)
+    assert maml.output_classes() == 3
+    maml.use_classes(3)
+    with pytest.raises(ValueError, match="the tasks are 20-way, but the model is 3-way"):
+        maml.use_classes(20)
+    protonet = ProtoNet(small_conv4(), n_way=3)
+    assert protonet.output_classes() is None
+    protonet.use_classes(20)
+    assert protonet.n_way == 20

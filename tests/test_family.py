@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastadapt import experiment
-from fastadapt.algorithms import ANIL, MetaSGD
+from fastadapt.algorithms import ANIL, MAMLPlusPlus, MetaSGD
 from fastadapt.evaluate import evaluate
 from fastadapt.train import Trainer
 from helpers import TINY_ARGS, forward, grads_of, image_batch, small_conv4, write_png
@@ -106,13 +106,14 @@ def test_reptile_update_is_step_size_times_mean_adapted_minus_initial(inner):
             expected_delta[n] += (p.detach() - initial[n]) / batch.num_tasks
     learner = Reptile(model, inner_lr=0.05, inner_steps=3, outer_lr=0.7, inner_optimizer=inner)
     optimizer = learner.make_optimizer(meta_lr=123.0)
-    out = learner.meta_backward(batch, per_step=True)
-    optimizer.step()
+    out = learner.train_step(batch, optimizer, per_step=True)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), initial[n] + 0.7 * expected_delta[n], rtol=1e-7, atol=1e-10)
     assert out.query_accuracy.shape == (4,)
     with pytest.raises(NotImplementedError):
         learner.meta_loss(batch)
+    with pytest.raises(NotImplementedError, match="train_step"):
+        learner.meta_backward(batch)
 
 
 def test_protonet_logits_are_negative_squared_distances_to_class_means():
@@ -160,7 +161,7 @@ def per_step_reference(model, batch, rates, steps, create_graph=True):
 def test_maml_plus_plus_lslr_and_multi_step_loss_match_reference():
     from fastadapt import MAML
     model, batch = small_conv4(), image_batch()
-    learner = MAML(model, inner_lr=0.3, inner_steps=3, lslr=True, multi_step_loss=10).double()
+    learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=3, lslr=True, multi_step_loss=10).double()
     with torch.no_grad():
         learner.step_lrs.mul_(torch.linspace(0.5, 1.5, learner.step_lrs.numel()).view_as(learner.step_lrs))
     learner.on_step(4)
@@ -181,7 +182,7 @@ def test_maml_plus_plus_lslr_and_multi_step_loss_match_reference():
 def test_derivative_order_annealing_switches_from_first_to_second_order():
     from fastadapt import MAML
     model, batch = small_conv4(), image_batch()
-    annealed = MAML(model, inner_lr=0.4, inner_steps=2, first_order_until=5)
+    annealed = MAMLPlusPlus(model, inner_lr=0.4, inner_steps=2, first_order_until=5)
     first = grads_of(MAML(model, inner_lr=0.4, inner_steps=2, first_order=True).meta_loss(batch).loss, model)
     second = grads_of(MAML(model, inner_lr=0.4, inner_steps=2).meta_loss(batch).loss, model)
     annealed.on_step(4)

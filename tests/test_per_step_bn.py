@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastadapt import MAML
+from fastadapt import MAML, MAMLPlusPlus
 from helpers import TINY_ARGS, forward, image_batch, small_conv4, write_png
 
 
@@ -64,7 +64,7 @@ def reference_meta_loss(model, learner, batch, inner_lr, steps, running=False):
 
 def test_per_step_batch_norm_weights_match_a_second_order_loop_reference():
     model, batch = small_conv4(), image_batch()
-    learner = MAML(model, inner_lr=0.3, inner_steps=3, per_step_bn=True).double()
+    learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=3, per_step_bn=True).double()
     with torch.no_grad():  # make every step's BatchNorm weights different
         for table in [*learner.bn_step_weights, *learner.bn_step_biases]:
             table.add_(torch.randn_like(table) * 0.3)
@@ -84,7 +84,7 @@ def test_meta_training_in_running_mode_normalises_every_pass_with_the_recorded_s
     are recorded first, then every support and query pass, and their second-order meta-gradient,
     use step s's recorded rows, as a model in eval mode would."""
     model, batch = small_conv4(), image_batch()
-    learner = MAML(model, inner_lr=0.3, inner_steps=3, per_step_bn=True, bn_statistics="running").double()
+    learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=3, per_step_bn=True, bn_statistics="running").double()
     with torch.no_grad():
         for table in [*learner.bn_step_weights, *learner.bn_step_biases]:
             table.add_(torch.randn_like(table) * 0.3)
@@ -103,7 +103,7 @@ def test_meta_training_in_running_mode_normalises_every_pass_with_the_recorded_s
 
 def test_running_statistics_are_recorded_per_step_while_meta_training_only():
     model, batch = small_conv4(), image_batch()
-    learner = MAML(model, inner_lr=0.3, inner_steps=2, per_step_bn=True, task_chunk=None).double()
+    learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=2, per_step_bn=True, task_chunk=None).double()
     inputs = []
     hooks = [m.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
              for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -151,7 +151,7 @@ def test_running_statistics_are_recorded_per_step_while_meta_training_only():
 
 def test_running_mode_classifies_one_image_as_in_a_batch_and_touches_nothing():
     model, batch = small_conv4(), image_batch()
-    learner = MAML(model, inner_lr=0.3, inner_steps=2, per_step_bn=True).double()
+    learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=2, per_step_bn=True).double()
     for _ in range(3):
         learner.meta_backward(batch)
     learner.zero_grad()
@@ -175,11 +175,11 @@ def test_running_mode_classifies_one_image_as_in_a_batch_and_touches_nothing():
 def test_per_step_bn_needs_batch_norm_and_running_mode_needs_per_step_bn():
     from fastadapt.models import mlp
     with pytest.raises(ValueError, match="no BatchNorm"):
-        MAML(mlp(), per_step_bn=True)
+        MAMLPlusPlus(mlp(), per_step_bn=True)
     with pytest.raises(ValueError, match="needs per_step_bn"):
-        MAML(small_conv4(), bn_statistics="running")
+        MAMLPlusPlus(small_conv4(), bn_statistics="running")
     with pytest.raises(ValueError, match="'batch' or 'running'"):
-        MAML(small_conv4(), per_step_bn=True, bn_statistics="moving")
+        MAMLPlusPlus(small_conv4(), per_step_bn=True, bn_statistics="moving")
 
 
 def test_cli_mamlpp_trains_with_per_step_bn_and_predicts_one_image_at_a_time(tmp_path, capsys):

@@ -188,7 +188,7 @@ def build_learner(c: RunConfig, model=None):
     """The registered algorithm ``c.algorithm.name``, built by its ``from_config``, on ``c.training.device``."""
     model = build_model(c) if model is None else model
     dtype = {"float32": torch.float32, "float64": torch.float64}[c.model.dtype]
-    learner = algorithms.registered()[c.algorithm.name].from_config(model, c)
+    learner = algorithms.registry.build(model, c)
     return learner.to(device=c.training.device, dtype=dtype)
 
 

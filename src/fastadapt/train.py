@@ -1,7 +1,7 @@
 """The training loop: meta-optimiser, schedule, evaluation, checkpoints and metrics.
 
-Read top to bottom: ``Trainer.fit`` draws a meta-batch, accumulates its meta-gradient
-(``learner.meta_backward``), steps Adam, logs every ``log_every`` steps, evaluates on fixed
+Read top to bottom: ``Trainer.fit`` draws a meta-batch, has the learner take one meta-iteration
+(``learner.train_step``: by default the meta-gradient, clipped, and an Adam step), logs every ``log_every`` steps, evaluates on fixed
 validation tasks every ``eval_every`` steps, and writes ``last.pt`` (and ``best.pt``) at every
 validation and every ``checkpoint_every`` seconds. Everything needed to continue exactly where it
 stopped is in the checkpoint: model, optimiser and schedule state, step, configuration, torch RNG
@@ -300,15 +300,23 @@ class Trainer:
                     batch = batch[distributed.task_slice(batch.num_tasks, self.dist)]
                 batch = batch.to(self.device, self.dtype)
                 logging = (self.step + 1) % t.log_every == 0
-                self.optimizer.zero_grad(set_to_none=True)
                 self.learner.on_step(self.step)
-                out = self.learner.meta_backward(batch, per_step=logging)
-                distributed.average_gradients(self.learner.parameters(), self.dist)
-                loss = distributed.average(out.loss, self.dist).item()
-                self._check_loss(loss)
-                if t.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(self.learner.parameters(), t.clip_grad)
-                self.optimizer.step()
+                checked = []
+
+                def before_update(out):  # gradients averaged over processes, the guard before the update
+                    distributed.average_gradients(self.learner.parameters(), self.dist)
+                    checked.append(distributed.average(out.loss, self.dist).item())
+                    self._check_loss(checked[-1])
+
+                out = self.learner.train_step(batch, self.optimizer, per_step=logging, clip_grad=t.clip_grad,
+                                              before_update=before_update)
+                if not checked:  # an own train_step that skipped the hook: guard after the update
+                    if self.dist.enabled:
+                        raise RuntimeError(f"{type(self.learner).__name__}.train_step did not call before_update, "
+                                           "which averages the gradients over processes: the ranks would drift apart")
+                    checked.append(float(out.loss))
+                    self._check_loss(checked[-1])
+                loss = checked[-1]
                 if not self.weights_finite():
                     raise self._diverged("the meta-parameters became non-finite")
                 seconds = time.perf_counter() - start

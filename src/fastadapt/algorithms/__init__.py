@@ -1,14 +1,15 @@
 """Meta-learning algorithms: each is an inner loop over one task, on the shared vectorised engine.
 
 Every module of this package is imported here, so an algorithm in a new file registers itself
-(``engine.registered()``) without being listed anywhere.
+(``registry.registered()``) without being listed anywhere.
 """
 
 import importlib
 import pkgutil
 
-from . import forward
-from .engine import MetaLearner, MetaOutput, registered
+from . import forward, functional, registry
+from .engine import MetaLearner, MetaOutput
+from .registry import registered
 from .anil import ANIL
 from .maml import MAML, FirstOrderMAML
 from .mamlpp import MAMLPlusPlus
@@ -27,4 +28,4 @@ def batch_statistics(model):
 
 
 __all__ = ["MetaLearner", "MetaOutput", "MAML", "FirstOrderMAML", "MAMLPlusPlus", "MetaSGD", "ANIL", "Reptile",
-           "ProtoNet", "batch_statistics", "registered", "forward"]
+           "ProtoNet", "batch_statistics", "registered", "forward", "functional", "registry"]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from .engine import detach
+from .functional import detach, grad_of
 from .maml import MAML
 
 
@@ -31,7 +29,7 @@ class ANIL(MAML):
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):
         yield params
         body = params if create_graph else detach(params)
-        features = self.forward_with(body, buffers, support_x, part=self.body_name, twice_differentiable=create_graph)
+        features = self.forward_with(body, buffers, support_x, part=self.body_name)
         prefix = self.head_name + "."
         head = {n: w for n, w in params.items() if n.startswith(prefix)}
 
@@ -39,6 +37,6 @@ class ANIL(MAML):
             return self.loss_fn(self.forward_with(h, buffers, features, part=self.head_name), support_y)
 
         for _ in range(steps):
-            grads = torch.func.grad(head_loss)(head if create_graph else detach(head))
+            grads = grad_of(head_loss, head, create_graph)
             head = {n: w - self.inner_lr * grads[n] for n, w in head.items()}
             yield {**params, **head}

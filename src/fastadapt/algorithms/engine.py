@@ -1,15 +1,25 @@
-"""The shared engine of every gradient-based meta-learner, and the registry of algorithms.
+"""The shared engine of every gradient-based meta-learner.
 
 An algorithm describes ONE task: ``inner_loop`` yields its fast weights after each inner step,
-written as a pure function of (params, buffers, support set). ``MetaLearner`` maps that over the
-task axis with ``torch.func.vmap``, runs tasks in chunks to bound memory and keep the working set
-in cache, scores the query set, and reduces over tasks. It never deep-copies or clones the model.
-Every forward pass runs under the learner's ``ForwardPolicy`` (``forward.py``: BatchNorm's
-statistics, small convolutions); algorithms reach it only through ``support_grad``,
-``forward_with`` and ``batch_statistics``.
+written as a pure function of (params, buffers, support set) with ``functional.py``'s pieces.
+``MetaLearner`` maps that over the task axis with ``torch.func.vmap``, runs tasks in chunks to
+bound memory and keep the working set in cache, scores the query set, and reduces over tasks. It
+never deep-copies or clones the model. Every forward pass runs under the learner's
+``ForwardPolicy`` (``forward.py``: BatchNorm's statistics, small convolutions), entered here only.
 
-A subclass that sets ``name`` registers itself: ``registered()`` maps names to classes, and the
-configuration, the ``--algo`` choices and the command line's flags for ``options`` come from there.
+The hooks an algorithm may override, each with a default:
+
+- ``inner_loop`` (required): one task's adaptation;
+- ``task_output``: an adapted task's output on inputs (ProtoNet: distances to prototypes);
+- ``before_meta_batch``: called with each training meta-batch before its meta-gradient
+  (MAML++ records its per-step BatchNorm statistics there);
+- ``train_step``: one meta-iteration, gradient and update (default: ``meta_backward``, the
+  caller's ``before_update``, clipping, ``optimizer.step()``; Reptile steps towards the adapted
+  weights instead);
+- ``create_graph``, ``step_loss_weights``, ``forward_policy``, ``initial_weights``,
+  ``make_optimizer``, ``from_config``.
+
+A subclass that sets ``name`` registers itself (``registry.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..config import Option
-from . import forward
+from . import forward, registry
+from .functional import detach, forward_with, grad_of
 
 Params = Dict[str, torch.Tensor]
 
@@ -57,16 +68,7 @@ _CPU_CHUNK_VALUES = 256 * 1024
 # name -> (function, whether it classifies)
 _LOSSES = {"cross_entropy": (F.cross_entropy, True), "mse": (F.mse_loss, False)}
 
-_REGISTRY: Dict[str, type] = {}
-
-
-def registered() -> Dict[str, type]:
-    """Every algorithm class with a ``name``, by name (the ``--algo`` choices)."""
-    return dict(_REGISTRY)
-
-
-def detach(params: Params) -> Params:
-    return {name: value.detach() for name, value in params.items()}
+registered = registry.registered
 
 
 class MetaLearner(nn.Module):
@@ -88,14 +90,17 @@ class MetaLearner(nn.Module):
     name: ClassVar[Optional[str]] = None
     summary: ClassVar[str] = ""
     options: ClassVar[Tuple[Option, ...]] = ()
+    extends: ClassVar[Tuple[str, ...]] = ()  # algorithms whose configurations may set this one's options
+
+    @classmethod
+    def from_base_config(cls, model: nn.Module, config, base: type) -> "MetaLearner":
+        """Build for a configuration of the algorithm ``base`` (one of ``extends``) that sets some of
+        this class's options."""
+        raise NotImplementedError(f"{cls.__name__} declares no algorithm it extends")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is not None:
-            if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-                raise ValueError(f"algorithm name {name!r} is taken by {_REGISTRY[name].__qualname__}")
-            _REGISTRY[name] = cls
+        registry.register(cls)
 
     @classmethod
     def from_config(cls, model: nn.Module, config) -> "MetaLearner":
@@ -108,8 +113,9 @@ class MetaLearner(nn.Module):
 
     @classmethod
     def accepted_options(cls) -> Tuple[Option, ...]:
-        """The options a configuration may set for this algorithm: by default its own ``options``."""
-        return cls.options
+        """The options a configuration may set for this algorithm: its own ``options`` and those of
+        the algorithms that extend it (``registry.py``)."""
+        return registry.accepted_options(cls)
 
     def __init__(self, model: nn.Module, inner_steps: int = 5, loss="cross_entropy",
                  task_chunk="auto", compile: bool = False, classification: Optional[bool] = None):
@@ -167,6 +173,48 @@ class MetaLearner(nn.Module):
         substitutes its own entries); by default ``params``."""
         return params
 
+    def task_output(self, fast: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
+        """The output on ``x`` of one task's adapted state ``fast`` (what the query loss, ``predict``
+        and accuracy score); by default the model with those weights."""
+        return self.forward_with(fast, buffers, x)
+
+    def before_meta_batch(self, batch) -> None:
+        """Called by ``meta_loss`` and ``meta_backward`` (so by the default ``train_step``) with
+        each meta-batch while training, before its meta-gradient; by default nothing."""
+
+    def train_step(self, batch, optimizer: torch.optim.Optimizer, *, per_step: bool = False,
+                   clip_grad: Optional[float] = None,
+                   before_update: Optional[Callable[[MetaOutput], None]] = None) -> MetaOutput:
+        """One meta-iteration on ``batch``: the gradient and the update of the meta-parameters.
+
+        By default: clear the gradients, ``meta_backward``, then ``before_update(out)`` (the
+        Trainer averages the gradients over processes and checks the loss there; raising stops
+        the update), then clip the gradient norm to ``clip_grad`` and step ``optimizer`` (the one
+        ``make_optimizer`` made). An algorithm whose update is not a gradient step overrides this.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        out = self.meta_backward(batch, per_step=per_step)
+        if before_update is not None:
+            before_update(out)
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
+        optimizer.step()
+        return out
+
+    def output_classes(self) -> Optional[int]:
+        """How many classes an adapted model tells apart, as its network fixes it (its last linear
+        layer's outputs), or None when any number works or the network does not say."""
+        linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        return linear[-1].out_features if linear and self.classification else None
+
+    def use_classes(self, n_way: int) -> None:
+        """Prepare for ``n_way``-way tasks; an error when the network has another number of outputs
+        (learners that take any number, like ProtoNet, override this to accept it)."""
+        fixed = self.output_classes()
+        if fixed is not None and fixed != n_way:
+            raise ValueError(f"the tasks are {n_way}-way, but the model is {fixed}-way (its output layer has "
+                             f"{fixed} units)")
+
     # ------------------------------------------------------------------ building blocks for algorithms
     def meta_params(self) -> Params:
         return dict(self.model.named_parameters())
@@ -174,57 +222,26 @@ class MetaLearner(nn.Module):
     def model_buffers(self) -> Params:
         return dict(self.model.named_buffers())
 
-    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor, *, part: Optional[str] = None,
-                     twice_differentiable: bool = False) -> torch.Tensor:
-        """The model's output on ``x`` with the given weights (one task, no task axis); entries
-        of ``params`` replace buffers of the same name. ``part``: run only that submodule (its
-        entries of ``params`` and ``buffers``). ``twice_differentiable``: the pass will be
-        differentiated twice (a second-order inner loop), so BatchNorm is computed exactly."""
-        module, state = self.model, {**buffers, **params}
-        if part is not None:
-            prefix = part + "."
-            module = self.model.get_submodule(part)
-            state = {n[len(prefix):]: w for n, w in state.items() if n.startswith(prefix)}
-        if twice_differentiable:
-            with forward.changed(exact=True):
-                return functional_call(module, state, (x,))
-        return functional_call(module, state, (x,))
+    def forward_with(self, params: Params, buffers: Params, x: torch.Tensor, *,
+                     part: Optional[str] = None) -> torch.Tensor:
+        """The model's output on ``x`` with the given weights (``functional.forward_with``)."""
+        return forward_with(self.model, params, buffers, x, part=part)
 
     def support_grad(self, params: Params, buffers: Params, x, y, create_graph: bool) -> Params:
-        """Gradient of the loss on (x, y) w.r.t. ``params``.
-
-        With ``create_graph`` the result stays differentiable w.r.t. the meta-parameters (second
-        order); otherwise the weights are detached first, so no outer graph is even recorded.
-        """
-        def loss_of(p):
-            return self.loss_fn(self.forward_with(p, buffers, x), y)
-
-        if not create_graph:
-            return torch.func.grad(loss_of)(detach(params))
-        with forward.changed(exact=True):
-            return torch.func.grad(loss_of)(params)
-
-    def batch_statistics(self, params: Params, buffers: Params, x: torch.Tensor) -> list:
-        """Each BatchNorm layer's (mean, unbiased variance) per channel over ``x``, in call order,
-        from one forward pass with ``params``."""
-        with forward.changed(record=[]) as policy:
-            self.forward_with(params, buffers, x)
-        return policy.record
-
-    def map_tasks(self, fn: Callable, *tensors):
-        """``fn`` of one task, applied to every task of ``tensors`` (a leading task axis) with
-        vmap, under the learner's forward policy."""
-        with self.forward_context():
-            return vmap(fn, randomness="different")(*tensors)
-
-    def first_chunk(self, batch):
-        """The tasks of ``batch`` that the engine runs together first when training."""
-        chunk = self._chunk_size(batch)
-        return batch[:chunk] if chunk else batch
+        """Gradient of the loss on (x, y) w.r.t. ``params`` (``functional.grad_of``): second order
+        with ``create_graph``, else with the weights detached so no outer graph is recorded."""
+        return grad_of(lambda p: self.loss_fn(self.forward_with(p, buffers, x), y), params, create_graph)
 
     def forward_context(self):
         """Every forward pass the learner makes runs inside: its ``forward_policy()``."""
         return forward.applied(self.model, self.forward_policy())
+
+    def task_chunks(self, batch, with_graph: Optional[bool] = None) -> list:
+        """The parts of ``batch`` that the engine runs together, in order (``task_chunk``), when
+        recording a graph (``with_graph``; by default: whether gradients are enabled)."""
+        with_graph = torch.is_grad_enabled() if with_graph is None else with_graph
+        chunk = self._chunk_size(batch, with_graph=with_graph)
+        return list(batch.split(chunk)) if chunk else [batch]
 
     # ------------------------------------------------------------------ one task, then all tasks
     def _adapt_task(self, params, buffers, support_x, support_y, *, steps: int, per_step: bool,
@@ -241,10 +258,11 @@ class MetaLearner(nn.Module):
 
     def _score(self, fast, buffers, query_x, query_y):
         """Query loss (differentiable) and accuracy of one task's weights."""
-        out = self.forward_with(fast, buffers, query_x)
+        out = self.task_output(fast, buffers, query_x)
         loss = self.loss_fn(out, query_y)
         accuracy = _accuracy(out.detach(), query_y) if self.classification else loss.detach() * 0
         return loss, accuracy
+
     def _chunk_fn(self, steps: int, per_step: bool, create_graph: bool, vmap_query: bool,
                   multi_step: bool = False) -> Callable:
         """One chunk of tasks -> (final query losses [k], losses [k, n], accuracies [k, n], final fast
@@ -306,34 +324,39 @@ class MetaLearner(nn.Module):
         per_task = batch.support_x[0].numel() + batch.query_x[0].numel()
         return max(1, _CPU_CHUNK_VALUES // per_task)
 
-    def run_tasks(self, batch, steps: int, per_step: bool, create_graph: bool,
-                    on_chunk: Optional[Callable] = None, step_weights: Optional[torch.Tensor] = None):
-        """Adapt and score ``batch`` chunk by chunk; ``on_chunk(final_losses, fast, num_tasks)`` is
-        called on each chunk (to backpropagate it, say) and returns the losses to keep."""
-        chunk = self._chunk_size(batch, with_graph=torch.is_grad_enabled())
-        chunks = list(batch.split(chunk)) if chunk else [batch]
+    def _run_tasks(self, batch, steps: int, per_step: bool, create_graph: bool,
+                   on_chunk: Optional[Callable] = None, step_weights: Optional[torch.Tensor] = None,
+                   keep_weights: bool = False):
+        """Adapt and score ``batch`` chunk by chunk; ``on_chunk(final_losses, num_tasks)`` is called
+        on each chunk (to backpropagate it) and returns the losses to keep. With ``keep_weights``
+        also the final fast weights of every task (a leading task axis)."""
         params, buffers = self.meta_params(), self.model_buffers()
         vmap_query = batch.support_x.is_cuda if self.vmap_query is None else self.vmap_query
         multi_step = step_weights is not None and steps > 0
         fn = self._chunk_fn(steps, per_step or multi_step, create_graph, vmap_query, multi_step)
-        finals, losses, accuracies = [], [], []
+        finals, losses, accuracies, weights = [], [], [], []
         with self.forward_context():
-            for part in chunks:
+            for part in self.task_chunks(batch):
                 final, loss, acc, fast = fn(params, buffers, part.support_x, part.support_y,
                                             part.query_x, part.query_y, step_weights)
                 if on_chunk is not None:
-                    final = on_chunk(final, fast, batch.num_tasks)
+                    final = on_chunk(final, batch.num_tasks)
                 finals.append(final)
                 losses.append(loss)
                 accuracies.append(acc)
+                if keep_weights:
+                    weights.append(detach(fast))
         final = torch.cat(finals).mean()
         task_loss, task_acc = torch.cat(losses), torch.cat(accuracies)
         if not per_step:
             task_loss, task_acc = task_loss[:, -1], task_acc[:, -1]
         task_acc = task_acc if self.classification else None
-        return MetaOutput(loss=final, query_loss=task_loss.mean(0),
-                          query_accuracy=None if task_acc is None else task_acc.mean(0),
-                          task_loss=task_loss, task_accuracy=task_acc)
+        out = MetaOutput(loss=final, query_loss=task_loss.mean(0),
+                         query_accuracy=None if task_acc is None else task_acc.mean(0),
+                         task_loss=task_loss, task_accuracy=task_acc)
+        if keep_weights:
+            return out, {name: torch.cat([w[name] for w in weights]) for name in weights[0]}
+        return out
 
     # ------------------------------------------------------------------ public API
     def on_step(self, iteration: int) -> None:
@@ -346,17 +369,21 @@ class MetaLearner(nn.Module):
         The graph of every chunk is kept until ``.loss.backward()``; ``meta_backward`` frees each
         chunk's graph as it goes and so bounds memory by one chunk.
         """
-        return self.run_tasks(batch, self.inner_steps, per_step, self.create_graph(),
-                                step_weights=self.step_loss_weights(self.inner_steps))
+        if self.training and torch.is_grad_enabled():
+            self.before_meta_batch(batch)
+        return self._run_tasks(batch, self.inner_steps, per_step, self.create_graph(),
+                               step_weights=self.step_loss_weights(self.inner_steps))
 
     def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
         """Accumulate the meta-gradient of ``meta_loss(batch).loss`` into ``.grad``, chunk by chunk."""
-        def backward(final, fast, num_tasks):
+        def backward(final, num_tasks):
             (final.sum() / num_tasks).backward()
             return final.detach()
 
-        return self.run_tasks(batch, self.inner_steps, per_step, self.create_graph(), backward,
-                                step_weights=self.step_loss_weights(self.inner_steps))
+        if self.training and torch.is_grad_enabled():
+            self.before_meta_batch(batch)
+        return self._run_tasks(batch, self.inner_steps, per_step, self.create_graph(), backward,
+                               step_weights=self.step_loss_weights(self.inner_steps))
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         """The outer optimiser the Trainer uses: Adam at ``meta_lr`` (as in the MAML paper)."""
@@ -376,9 +403,16 @@ class MetaLearner(nn.Module):
 
         Runs without recording any graph and leaves the meta-parameters and buffers untouched.
         """
-        steps = self._steps(inner_steps, steps)
         with torch.no_grad():
-            return self.run_tasks(batch, steps, per_step=True, create_graph=False)
+            return self._run_tasks(batch, self._steps(inner_steps, steps), per_step=True, create_graph=False)
+
+    def adapt_tasks(self, batch, inner_steps: Optional[int] = None, per_step: bool = False):
+        """``(MetaOutput, fast weights)``: every task of ``batch`` adapted for ``inner_steps`` steps
+        without a graph and scored on its query set (per step if ``per_step``), and each task's
+        final weights (a leading task axis). Touches no meta-parameter or buffer."""
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        with torch.no_grad():
+            return self._run_tasks(batch, steps, per_step=per_step, create_graph=False, keep_weights=True)
 
     def _is_task_batched(self, support_x, support_y) -> bool:
         # Class labels are [S] for one task; regression targets carry a feature axis, [S, D].
@@ -413,8 +447,8 @@ class MetaLearner(nn.Module):
         name, reference = next(iter(self.model.named_parameters()))
         with self.forward_context():
             if fast_weights[name].dim() == reference.dim() + 1:
-                return vmap(lambda p, xs: self.forward_with(p, buffers, xs), randomness="different")(fast_weights, x)
-            return self.forward_with(fast_weights, buffers, x)
+                return vmap(lambda p, xs: self.task_output(p, buffers, xs), randomness="different")(fast_weights, x)
+            return self.task_output(fast_weights, buffers, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model with its meta-parameters (before any step), under the same BatchNorm policy

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from .engine import MetaLearner
+import inspect
+import warnings
 
-# MAML's keyword arguments for MAML++ options, from before MAML++ had its own class.
-_PLUS_PLUS_KEYWORDS = ("multi_step_loss", "lslr", "first_order_until", "per_step_bn", "bn_statistics", "bn_momentum")
+from . import registry
+from .engine import MetaLearner
 
 
 class MAML(MetaLearner):
@@ -16,9 +17,6 @@ class MAML(MetaLearner):
     ``first_order=False`` (default) the meta-gradient differentiates through the inner steps
     (second order); ``first_order=True`` treats the inner gradients as constants (FOMAML).
 
-    ``MAML(..., lslr=True)`` and the other MAML++ keywords build a ``MAMLPlusPlus`` with just those
-    options on (how MAML++ was written before it had its own class).
-
     >>> import fastadapt
     >>> maml = fastadapt.MAML(fastadapt.models.mlp(), inner_lr=0.01, inner_steps=1, loss="mse")
     """
@@ -27,25 +25,22 @@ class MAML(MetaLearner):
     summary = "second-order MAML (Finn et al. 2017)"
 
     def __new__(cls, *args, **kwargs):
-        if cls is MAML and any(key in kwargs for key in _PLUS_PLUS_KEYWORDS):
-            from .mamlpp import MAMLPlusPlus
-            return super().__new__(MAMLPlusPlus)
+        """``MAML(..., lslr=True)`` (keywords of an algorithm that extends MAML, from before MAML++
+        had its own class) still builds that algorithm, with a ``DeprecationWarning``."""
+        own = inspect.signature(cls.__init__).parameters
+        extra = [key for key in kwargs if key not in own]
+        if cls is MAML and extra:
+            for extension in registry.extensions_of(cls.name):
+                if all(key in inspect.signature(extension.__init__).parameters for key in extra):
+                    warnings.warn(f"MAML({', '.join(key + '=' for key in extra)}...) is deprecated: use "
+                                  f"fastadapt.{extension.__name__}(...), which these options belong to",
+                                  DeprecationWarning, stacklevel=2)
+                    return super().__new__(extension)
         return super().__new__(cls)
-
-    @classmethod
-    def accepted_options(cls):
-        """``maml`` and ``fomaml`` take MAML++'s options (``--algo maml --lslr``); subclasses their own."""
-        if cls in (MAML, FirstOrderMAML):
-            from .mamlpp import MAMLPlusPlus
-            return MAMLPlusPlus.options
-        return cls.options
 
     @classmethod
     def from_config(cls, model, config):
         a = config.algorithm
-        if cls in (MAML, FirstOrderMAML) and any(a.options.get(key) for key in _PLUS_PLUS_KEYWORDS):
-            from .mamlpp import MAMLPlusPlus  # --algo maml --lslr: MAML with just the chosen MAML++ options
-            return MAMLPlusPlus.from_config(model, config, everything=False, first_order=cls is FirstOrderMAML)
         return cls(model, a.inner_lr, a.inner_steps, first_order=a.first_order, loss=config.loss,
                    task_chunk=a.task_chunk, compile=a.compile)
 

@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import ConfigError, Option
 from . import forward
-from .engine import MetaOutput, detach
+from .functional import batch_statistics, detach
 from .maml import MAML
 
 
@@ -36,10 +36,12 @@ class MAMLPlusPlus(MAML):
     - cosine annealing of the meta learning rate is the Trainer's ``cosine`` option.
 
     ``--algo mamlpp`` turns every option on (``from_config``); ``--no-lslr`` and the like turn one off.
+    It extends ``maml`` and ``fomaml``: ``--algo maml --lslr`` is MAML with just that option.
     """
 
     name = "mamlpp"
     summary = "MAML++ (Antoniou et al. 2019), every option on"
+    extends = ("maml", "fomaml")
     options = (
         Option("multi_step_loss", int, "MAML++: anneal per-step query-loss weights over N iterations "
                                        "(mamlpp: a tenth of the run)", minimum=0),
@@ -51,6 +53,11 @@ class MAMLPlusPlus(MAML):
         Option("bn_statistics", str, "BatchNorm: each batch's own statistics (batch, default) or per-step "
                                      "running ones (running; needs per-step BatchNorm)", choices=("batch", "running")),
     )
+
+    @classmethod
+    def from_base_config(cls, model, config, base):
+        """``--algo maml --lslr``: MAML (first order for ``fomaml``) with just the options chosen."""
+        return cls.from_config(model, config, everything=False, first_order=base.name == "fomaml")
 
     @classmethod
     def from_config(cls, model, config, everything: bool = True, first_order: bool = False):
@@ -191,7 +198,7 @@ class MAMLPlusPlus(MAML):
         alone normalised the scoring passes with statistics of the weights before the step, and
         running-statistics accuracy fell apart (40.7% -> 29.8% over two steps where batch statistics
         gave 75.2%, Omniglot 5-way 1-shot, 150 iterations)."""
-        part = self.first_chunk(batch)
+        part = self.task_chunks(batch, with_graph=True)[0]  # the meta-gradient's first chunk
         params, buffers = detach(self.meta_params()), self.model_buffers()
         rows = max(self.inner_steps, 1)
         mode, self._bn_statistics = self._bn_statistics, "batch"
@@ -200,8 +207,8 @@ class MAMLPlusPlus(MAML):
             weights = list(self.inner_loop(params, buffers, support_x, support_y, rows, False))
             means, variances = [], []
             for step in range(rows):
-                support = self.batch_statistics(self.step_view(weights[step], step), buffers, support_x)
-                scoring = self.batch_statistics(weights[step + 1], buffers, query_x)  # carries row ``step``
+                support = batch_statistics(self.model, self.step_view(weights[step], step), buffers, support_x)
+                scoring = batch_statistics(self.model, weights[step + 1], buffers, query_x)  # carries row ``step``
                 means.append([(a[0] + b[0]) / 2 for a, b in zip(support, scoring)])
                 variances.append([(a[1] + b[1]) / 2 for a, b in zip(support, scoring)])
             layers = len(self._bn_names)
@@ -209,7 +216,9 @@ class MAMLPlusPlus(MAML):
                     [torch.stack([v[i] for v in variances]) for i in range(layers)])
 
         try:
-            means, variances = self.map_tasks(statistics_of_one_task, part.support_x, part.support_y, part.query_x)
+            with self.forward_context():
+                means, variances = torch.func.vmap(statistics_of_one_task, randomness="different")(
+                    part.support_x, part.support_y, part.query_x)
         finally:
             self._bn_statistics = mode
         for index in range(len(self._bn_names)):
@@ -217,12 +226,6 @@ class MAMLPlusPlus(MAML):
                 running = getattr(self, f"bn_running_{kind}_{index}")
                 running.lerp_(values.mean(0).to(running.dtype), self.bn_momentum)
 
-    def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
-        if self.per_step_bn and self.training and torch.is_grad_enabled():
+    def before_meta_batch(self, batch) -> None:
+        if self.per_step_bn:
             self.record_statistics(batch)
-        return super().meta_loss(batch, per_step)
-
-    def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
-        if self.per_step_bn and self.training:
-            self.record_statistics(batch)
-        return super().meta_backward(batch, per_step)

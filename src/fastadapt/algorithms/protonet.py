@@ -13,8 +13,9 @@ class ProtoNet(MetaLearner):
     of a network with a head (``conv4``), ``None`` the whole model.
 
     Adaptation is computing prototypes, so ``adapt`` returns the weights plus a ``"prototypes"``
-    entry, ``predict`` scores queries against them, and ``fine_tune``'s per-step results are the
-    same at every step. Trained episodically with the query cross-entropy, through the engine.
+    entry, ``task_output`` scores inputs against them, and ``fine_tune``'s per-step results are
+    the same at every step. Trained episodically with the query cross-entropy, through the engine.
+    Prototypes take any number of classes: ``use_classes(n)`` sets ``n_way``.
     """
 
     name = "protonet"
@@ -34,14 +35,22 @@ class ProtoNet(MetaLearner):
         self.n_way, self.embedding = int(n_way), embedding
 
     def create_graph(self) -> bool:
-        return True
+        """No inner gradient steps, so nothing is second order; the meta-gradient reaches the
+        embedding through the prototypes as through any forward pass."""
+        return False
+
+    def output_classes(self):
+        return None
+
+    def use_classes(self, n_way: int) -> None:
+        self.n_way = int(n_way)
 
     def embed(self, params, buffers, x):
-        return super().forward_with(params, buffers, x, part=self.embedding)
+        return self.forward_with(params, buffers, x, part=self.embedding)
 
-    def forward_with(self, params, buffers, x, **kwargs):
-        prototypes = params["prototypes"]
-        z = self.embed(params, buffers, x)
+    def task_output(self, fast, buffers, x):
+        prototypes = fast["prototypes"]
+        z = self.embed(fast, buffers, x)
         return -((z[:, None, :] - prototypes[None, :, :]) ** 2).sum(-1)
 
     def inner_loop(self, params, buffers, support_x, support_y, steps, create_graph):

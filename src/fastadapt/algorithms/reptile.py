@@ -12,10 +12,12 @@ class Reptile(MetaLearner):
     """Each task takes ``inner_steps`` steps of SGD (or Adam, ``inner_optimizer="adam"``) on its
     support set; the meta-update is ``theta += outer_lr * mean_tasks(phi - theta)``.
 
-    ``meta_backward`` stores ``theta - mean(phi)`` in ``.grad`` and ``make_optimizer`` returns plain
-    SGD at ``outer_lr``, so one optimiser step is exactly that update (the Trainer's cosine
-    schedule, when on, anneals ``outer_lr`` as the paper anneals it linearly). Tasks are adapted in
-    vectorised chunks like every algorithm here; no gradient flows through the inner loop.
+    There is no meta-gradient, so Reptile has its own ``train_step``: it adapts every task
+    (vectorised chunks, no graph), writes the direction ``theta - mean(phi)`` into ``.grad`` and
+    steps the plain SGD at ``outer_lr`` that ``make_optimizer`` returns, which is exactly that
+    update and lets the Trainer's cosine schedule anneal ``outer_lr`` (the paper anneals it
+    linearly) and checkpoint it like any optimiser. ``before_update`` sees the direction in
+    ``.grad`` (the Trainer averages it over processes there).
     """
 
     name = "reptile"
@@ -62,19 +64,21 @@ class Reptile(MetaLearner):
             yield fast
 
     def meta_loss(self, batch, per_step: bool = False) -> MetaOutput:
-        raise NotImplementedError("Reptile has no differentiable meta-loss; use meta_backward")
+        raise NotImplementedError("Reptile has no differentiable meta-loss; train_step(batch, optimizer) takes its step")
 
     def meta_backward(self, batch, per_step: bool = False) -> MetaOutput:
-        params = dict(self.model.named_parameters())
+        raise NotImplementedError("Reptile has no meta-gradient; train_step(batch, optimizer) takes its step")
 
-        def accumulate(final, fast, num_tasks):
-            for name, p in params.items():
-                step = (p.detach() - fast[name].detach()).sum(0) / num_tasks
-                p.grad = step if p.grad is None else p.grad + step
-            return final.detach()
-
-        with torch.no_grad():
-            return self.run_tasks(batch, self.inner_steps, per_step, False, accumulate)
+    def train_step(self, batch, optimizer, *, per_step: bool = False, clip_grad=None, before_update=None):
+        out, fast = self.adapt_tasks(batch, self.inner_steps, per_step=per_step)
+        for name, p in self.model.named_parameters():
+            p.grad = p.detach() - fast[name].mean(0)
+        if before_update is not None:
+            before_update(out)
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
+        optimizer.step()
+        return out
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.outer_lr)
