@@ -331,7 +331,7 @@ def test_use_classes_accepts_any_number_for_prototypes_and_refuses_another_outpu
     maml = MAML(small_conv4(), inner_steps=1)
     assert maml.output_classes() == 3
     maml.use_classes(3)
-    with pytest.raises(ValueError, match="the tasks are 20-way, but the model is 3-way"):
+    with pytest.raises(ValueError, match="the tasks are 20-way, but this is a 3-way model"):
         maml.use_classes(20)
     protonet = ProtoNet(small_conv4(), n_way=3)
     assert protonet.output_classes() is None

@@ -11,6 +11,7 @@ from helpers import shared_data
 from fastadapt import experiment
 from fastadapt.cli import main
 from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine, alphabets_of
+from fastadapt.data.omniglot import OmniglotSource
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +58,19 @@ def test_the_minimal_sets_share_greek_and_latin_so_evaluation_leaves_out_what_tr
     assert alphabets_of(root, "background_small1") == ["Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"]
 
     config = experiment.resolve({**experiment.PRESETS["omniglot-minimal-20w1s"], "root": str(root)})
-    tasks, tested, left_out = experiment.lake_tasks(config, count=40)
+    tasks, tested, left_out = OmniglotSource.lake_tasks(config, count=40)
     assert tested == ["Japanese_(katakana)", "Sanskrit"] and left_out == ["Greek", "Latin"]
     memorised = {image.numpy().tobytes() for image, target in zip(small2.images, small2.targets)
                  if small2.alphabets[int(target)] in ("Greek", "Latin")}
     shown = [image.numpy().tobytes() for batch in tasks for image in
              torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])]
     assert len(shown) == 40 * 40 and not memorised & set(shown)
-    _, val, test = experiment.build_sets(config)
+    _, val, test = OmniglotSource.build_sets(config)
     for part in (val, test):
         assert sorted(set(part.alphabets)) == ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
         assert part.left_out == ["Greek", "Latin"]
     with pytest.warns(UserWarning, match="include Greek, which the run trained on"):
-        assert experiment.lake_tasks(config, alphabets="Greek,Sanskrit", count=2)[2] == []
+        assert OmniglotSource.lake_tasks(config, alphabets="Greek,Sanskrit", count=2)[2] == []
     with pytest.raises(ValueError, match="every alphabet it has .* is excluded"):
         Omniglot(root, "background_small1", exclude_alphabets=alphabets_of(root, "background_small1"))
 
@@ -139,7 +140,7 @@ def test_minimal_preset_encodes_the_recipe_and_trains(tmp_path, capsys):
     root = shared_data("omniglot/images_background_small1.zip").parent
     shared_data("omniglot/images_background_small2.zip")
     c = train_config(["--preset", "omniglot-minimal-20w1s", "--root", str(root)])
-    assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.data.rotations,
+    assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.data.options["rotations"],
             c.training.cosine) == ("protonet", 20, 1, True, None, True, True)
     assert (c.data.train_split, c.data.val_split) == ("background_small1", "background_small2")
     assert c.training.eval_every == c.training.meta_steps  # validated once, at the end: no selection on test

@@ -17,6 +17,7 @@ from fastadapt import Predictor, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastadapt.cli import main
 from fastadapt.data import EpisodeSampler, Glyphs, ImageTransform
+from fastadapt.data import source as data_source
 from fastadapt.evaluate import evaluate
 
 UNSEEN = "Japanese_(katakana),Sanskrit,Tagalog"
@@ -40,11 +41,12 @@ def extract_episode_files(root, config, dest):
     """The files of the run's fixed test episodes, copied byte for byte out of the zip as a user
     would unzip them: dest/task<t>/support/<label>-<character>/<file>.png and dest/task<t>/query/.
     Returns the loader's episodes and, per task, {query file name: its true label}."""
-    test_set = experiment.build_sets(config)[2]
+    source = data_source(config.data.dataset)
+    test_set = source.build_sets(config)[2]
     d = config.data
     count = d.test_episodes
     sampler = EpisodeSampler(test_set, d.n_way, d.k_shot, d.k_query, count, seed=config.training.seed + 2)
-    episodes = experiment.fixed_tasks(config, test_set, count, 2)
+    episodes = source.fixed_tasks(config, test_set, count, 2)
     assert len(episodes) == 1
     torch.testing.assert_close(sampler.fixed(1)[0].query_x, episodes[0].query_x, rtol=0, atol=0)
     picks, labels = sampler.fixed_indices(0)

@@ -15,7 +15,8 @@ from PIL import Image
 
 from fastadapt import experiment
 from fastadapt.checkpoint import RunLock, load_checkpoint, save_checkpoint
-from fastadapt.cli import _default_run_folder, main
+from fastadapt.cli import main
+from fastadapt.cli.train import _default_run_folder
 
 TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
              "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "6",

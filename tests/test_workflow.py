@@ -215,13 +215,11 @@ def test_predict_rejects_wrong_class_count_and_channels(tmp_path, capsys):
 
 
 def test_seed_aliases_and_presets_fill_the_config():
-    from fastadapt.cli import _config_from, build_parser
-    args = build_parser().parse_args(["train", "--preset", "omniglot-20w1s", "--root", "x", "--update-lr", "0.2",
-                                      "--imgsz", "28", "--imgc", "1"])
-    c = _config_from(args)
+    from fastadapt.cli import build_parser, train_config
+    c = train_config(["--preset", "omniglot-20w1s", "--root", "x", "--update-lr", "0.2", "--imgsz", "28", "--imgc", "1"])
     d, a = c.data, c.algorithm
     assert (d.n_way, a.inner_steps, d.task_batch, a.inner_lr, c.training.meta_steps) == (20, 5, 16, 0.2, 60000)
-    assert d.protocol == "maml" and d.rotations is True
+    assert d.options["protocol"] == "maml" and d.options["rotations"] is True
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "Finn, Abbeel and Levine" in help_text
 
@@ -263,4 +261,4 @@ def test_cli_trains_on_real_omniglot_minimal_sets(tmp_path, capsys):
     assert main(args) == 0
     assert "4 test tasks" in capsys.readouterr().out
     config = load_checkpoint(tmp_path / "run")["config"]
-    assert config["data"]["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["data"]["channels"] == 1
+    assert config["data"]["options"]["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["data"]["channels"] == 1

@@ -81,7 +81,22 @@ def _number(key, value, where, minimum=None, positive=False):
     return float(value)
 
 
-DATASETS = ("glyphs", "omniglot", "miniimagenet", "folder", "sinusoid")
+# Filled by each data set's ``DataSource`` when it is defined (``data/source.py``): its loss and
+# its own options, so that flat keys reach ``DataConfig.options`` and the loss follows the data.
+DATASETS: Dict[str, dict] = {}
+
+
+def declare_dataset(name: str, loss: str = "cross_entropy", options: Tuple[Option, ...] = ()) -> None:
+    DATASETS[name] = {"loss": loss, "options": {option.name: option for option in options}}
+
+
+def _data_option_names() -> set:
+    return {name for entry in DATASETS.values() for name in entry["options"]}
+
+
+# Fields of DataConfig before the data sets declared their own options (0.1 checkpoints): now
+# entries of DataConfig.options (Omniglot's and Glyphs').
+LEGACY_DATA_FIELDS = ("train_alphabets", "val_alphabets", "test_alphabets", "rotations", "protocol", "glyph_classes")
 
 
 @dataclass
@@ -102,33 +117,32 @@ class DataConfig:
     train_split: Optional[str] = None
     val_split: Optional[str] = None
     test_split: Optional[str] = None
-    train_alphabets: Any = None
-    val_alphabets: Any = None
-    test_alphabets: Any = None
-    rotations: bool = False
-    protocol: Optional[str] = None
-    glyph_classes: int = 200
     augment: bool = False
     group_by: Optional[str] = None
     val_episodes: int = 100
     test_episodes: int = 600
     eval_batch: int = 25
+    options: Dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
+        """The shared fields, and ``options`` against the ones the data set declares."""
         where = "DataConfig."
         if self.dataset not in DATASETS:
-            raise ConfigError("dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+            raise ConfigError("dataset", f"must be one of {', '.join(sorted(DATASETS))}, got {self.dataset!r}",
                               where + "dataset")
-        for key in ("n_way", "k_shot", "k_query", "task_batch", "glyph_classes", "val_episodes", "test_episodes",
-                    "eval_batch"):
+        for key in ("n_way", "k_shot", "k_query", "task_batch", "val_episodes", "test_episodes", "eval_batch"):
             _integer(key, getattr(self, key), where + key, positive=True)
         for key in ("image_size", "channels"):
             if getattr(self, key) is not None:
                 _integer(key, getattr(self, key), where + key, positive=True)
         if self.group_by not in (None, "alphabet"):
             raise ConfigError("group_by", f"must be None or 'alphabet', got {self.group_by!r}", where + "group_by")
-        if self.protocol not in (None, "maml", "official"):
-            raise ConfigError("protocol", f"must be 'maml' or 'official', got {self.protocol!r}", where + "protocol")
+        known = DATASETS[self.dataset]["options"]
+        for key, value in self.options.items():
+            if key not in known:
+                raise ConfigError(key, f"is not an option of data set {self.dataset!r} (its options: "
+                                       f"{', '.join(known) or 'none'})", f"DataConfig.options[{key!r}]")
+            self.options[key] = known[key].check(value, f"DataConfig.options[{key!r}]")
 
 
 @dataclass
@@ -256,8 +270,8 @@ class RunConfig:
 
     @property
     def loss(self) -> str:
-        """Sinusoid tasks are regression (mean squared error); every other data set classifies."""
-        return "mse" if self.data.dataset == "sinusoid" else "cross_entropy"
+        """The data set's loss: ``"mse"`` for regression (sinusoid), else ``"cross_entropy"``."""
+        return DATASETS.get(self.data.dataset, {}).get("loss", "cross_entropy")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -271,6 +285,13 @@ class RunConfig:
         if any(isinstance(values.get(s), dict) for s in SECTIONS):
             sections = {s: dict(values.get(s) or {}) for s in SECTIONS}
             sections["algorithm"]["options"] = dict(sections["algorithm"].get("options") or {})
+            data = sections["data"]
+            data["options"] = dict(data.get("options") or {})
+            for key in LEGACY_DATA_FIELDS:  # a 0.1 checkpoint: unset ones were stored at their defaults
+                if key in data:
+                    value = data.pop(key)
+                    if value not in (None, False) and not (key == "glyph_classes" and value == 200):
+                        data["options"][key] = value
             for name, part in sections.items():
                 unknown = set(part) - {f.name for f in dataclasses.fields(SECTIONS[name])}
                 if unknown:
@@ -290,11 +311,13 @@ class RunConfig:
                 setattr(getattr(out, section), name, value)
             elif key == "options" and isinstance(value, dict):
                 out.algorithm.options.update(value)
+            elif key in LEGACY_DATA_FIELDS or key in _data_option_names():
+                out.data.options[key] = value
             else:
                 out.algorithm.options[key] = value
         return out
 
     def flat(self) -> dict:
-        """Every field by its flat key, with the algorithm's options beside them."""
+        """Every field by its flat key, with the data set's and the algorithm's options beside them."""
         out = {key: getattr(getattr(self, section), name) for key, (section, name) in FLAT_KEYS.items()}
-        return {**out, **self.algorithm.options}
+        return {**out, **self.data.options, **self.algorithm.options}

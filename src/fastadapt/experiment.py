@@ -6,14 +6,13 @@ defaults that depend on the data set filled in; the ``build_*`` functions make w
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import algorithms, data, models
+from .checkpoint import find_checkpoint, load_checkpoint
 from .config import SECTIONS, ConfigError, RunConfig
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1), as flat keys.
@@ -80,7 +79,55 @@ def stored_config(stored: dict) -> RunConfig:
         accepted = {option.name for option in algorithm.accepted_options()}
         config.algorithm.options = {k: v for k, v in config.algorithm.options.items()
                                     if k in accepted and not (v is False or (type(v) is int and v == 0))}
+    if flat and config.data.dataset in data.sources():
+        accepted = {option.name for option in data.source(config.data.dataset).options}
+        config.data.options = {k: v for k, v in config.data.options.items()
+                               if k in accepted and v is not False and not (k == "glyph_classes" and v == 200)}
     return config
+
+
+@dataclass
+class Run:
+    """A run loaded from its checkpoint: the file, what it holds, its configuration (checked, with
+    the changes asked for) and its learner with the checkpoint's weights (None if not built)."""
+
+    path: Path
+    state: dict
+    config: RunConfig
+    learner: object = None
+
+
+def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=None, build: bool = True) -> Run:
+    """The run in ``checkpoint`` (a file, or a run folder's ``best.pt``, else ``last.pt``), its stored
+    configuration with the flat ``changes`` applied, and, with ``build``, its learner (or the given
+    ``learner``, for a model built in Python) loaded with its weights. ``device``: None keeps the
+    stored one, ``"usable"`` keeps it if this machine has it (else the CPU), a name sets it.
+    Shared by ``eval``, ``predict`` (``Predictor.load``) and ``train --resume``; errors name the
+    file and the cause."""
+    path = find_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    stored = stored_config(state["config"])
+    changes = dict(changes or {})
+    if device is not None:
+        changes["device"] = usable_device(stored.training.device) if device == "usable" else str(device)
+    config = resolve(with_bn_statistics(stored.updated(changes), bn_statistics))
+    if not build:
+        return Run(path, state, config)
+    bad = [name for name, value in state["model"].items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"{path}: weights {bad[0]!r} (and {len(bad) - 1} more) are not finite; this checkpoint "
+                         "cannot be evaluated")
+    if learner is None:
+        learner = build_learner(config)
+    elif bn_statistics is not None:
+        learner.bn_statistics = bn_statistics
+    try:
+        learner.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes "
+                         f"({str(error).splitlines()[-1].strip()})") from error
+    return Run(path, state, config, learner.to(config.training.device))
 
 
 def resolve(config=None) -> RunConfig:
@@ -98,22 +145,22 @@ def resolve(config=None) -> RunConfig:
     if a.name not in known:
         raise ConfigError("algo", f"must be one of {', '.join(sorted(known))}, got {a.name!r}", "AlgorithmConfig.name")
     a.check(known[a.name].accepted_options())
-    if a.name == "protonet" and d.dataset == "sinusoid":
-        raise ConfigError("algo", "protonet classifies; it cannot run the sinusoid regression tasks",
+    source = data.source(d.dataset)
+    if source.loss != "cross_entropy" and getattr(known[a.name], "classifies_only", False):
+        raise ConfigError("algo", f"{a.name} classifies; it cannot run the {d.dataset} regression tasks",
                           "AlgorithmConfig.name")
-    mini = d.dataset == "miniimagenet"
-    d.image_size = d.image_size or (84 if mini else 28)
-    d.channels = d.channels or (3 if d.dataset in ("miniimagenet", "folder") else 1)
+    d.image_size = d.image_size or source.image_size
+    d.channels = d.channels or source.channels
     m.pool = m.pool or ("max" if d.image_size > 32 else "stride")
     m.hidden = m.hidden or (32 if m.pool == "max" else 64)
-    if d.dataset in ("omniglot", "miniimagenet", "folder") and not d.root:
+    if source.needs_root and not d.root:
         raise ConfigError("root", f"is needed for data set {d.dataset} (a folder)", "DataConfig.root")
-    fixed_channels = {"glyphs": 1, "omniglot": 1, "miniimagenet": 3}
-    if d.dataset in fixed_channels and d.channels != fixed_channels[d.dataset]:
-        raise ConfigError("channels", f"is {d.channels}, but {d.dataset} images have {fixed_channels[d.dataset]} "
+    if source.fixed_channels and d.channels != source.channels:
+        raise ConfigError("channels", f"is {d.channels}, but {d.dataset} images have {source.channels} "
                                       "channel(s)", "DataConfig.channels")
     if d.channels not in (1, 3):
         raise ConfigError("channels", f"must be 1 (grey) or 3 (RGB), got {d.channels!r}", "DataConfig.channels")
+    source.check(c)
     check_device(c.training.device)
     if m.network is not None:
         _check_network(c)
@@ -150,8 +197,8 @@ def usable_device(device: str) -> str:
 def _check_network(c: RunConfig) -> None:
     """A config-list network (``ModelConfig.network``) must fit the run: its output is the class count."""
     where = "ModelConfig.network"
-    if c.data.dataset == "sinusoid":
-        raise ConfigError("network", "is for image classifiers; the sinusoid run uses its MLP", where)
+    if data.source(c.data.dataset).network != "conv4":
+        raise ConfigError("network", f"is for image classifiers; the {c.data.dataset} run uses its MLP", where)
     if c.algorithm.name == "anil":
         raise ConfigError("network", "cannot be used with anil, which needs a network with 'features' and 'head' "
                                      "parts (conv4)", where)
@@ -167,17 +214,12 @@ def _check_network(c: RunConfig) -> None:
 
 def default_transform(c: RunConfig):
     """The preprocessing a data set's loader applies, for a checkpoint that does not store it (older
-    than the ``transform`` entry); None for sinusoid. A folder's polarity is unknown here."""
-    loaders = {"omniglot": data.Omniglot, "glyphs": data.Glyphs, "miniimagenet": data.MiniImageNet}
-    if c.data.dataset == "sinusoid":
-        return None
-    if c.data.dataset in loaders:
-        return loaders[c.data.dataset].default_transform(c.data.image_size)
-    return data.ImageTransform(c.data.image_size, c.data.channels)
+    than the ``transform`` entry); None for data that are not images. A folder's polarity is unknown."""
+    return data.source(c.data.dataset).default_transform(c)
 
 
 def build_model(c: RunConfig):
-    if c.data.dataset == "sinusoid":
+    if data.source(c.data.dataset).network == "mlp":
         return models.mlp()
     if c.model.network is not None:  # the reference code's config list, with its initialisation
         return models.reference_init_(models.Learner(c.model.network))
@@ -192,133 +234,12 @@ def build_learner(c: RunConfig, model=None):
     return learner.to(device=c.training.device, dtype=dtype)
 
 
-def _alphabets(value):
-    """Alphabet names from a comma-separated option (or a list, from the Python API)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [name for name in value.split(",") if name]
-    return list(value)
-
-
-def _warn_if_seen(trained, named, what: str, train_split: str) -> None:
-    """Named evaluation alphabets that the model trained on score its memory, not one-shot learning."""
-    seen = sorted(set(named or ()) & set(trained))
-    if seen:
-        warnings.warn(f"{what} include {', '.join(seen)}, which the run trained on (Omniglot split "
-                      f"{train_split!r} has the same characters): their scores measure memory, not one-shot "
-                      "learning", stacklevel=3)
-
-
-def trained_alphabets(c: RunConfig) -> list:
-    """The Omniglot alphabets a run meta-trained on, from its configuration and the training split's
-    file names (the MAML protocol pools every alphabet)."""
-    d = c.data
-    if d.protocol == "maml":
-        return data.alphabets_of(d.root, "background") + data.alphabets_of(d.root, "evaluation")
-    return _alphabets(d.train_alphabets) or data.alphabets_of(d.root, d.train_split or "background")
-
-
-def build_sets(c: RunConfig):
-    """(train, val, test) class-indexed sets of an image data set."""
-    d, seed = c.data, c.training.seed
-    name, root, size = d.dataset, d.root, d.image_size
-    if name == "glyphs":
-        return tuple(data.Glyphs(num_classes=n, image_size=size, seed=seed, split=s)
-                     for s, n in (("train", d.glyph_classes), ("val", 50), ("test", 100)))
-    if name == "omniglot":
-        if d.protocol == "maml":
-            return data.maml_protocol(root, val_classes=100, seed=seed, image_size=size,
-                                      rotations=d.rotations, download=d.download)
-        train_split = d.train_split or "background"
-        val_split = d.val_split or "evaluation"
-
-        def load(split, alphabets, rotations, exclude=()):
-            return data.Omniglot(root, split, image_size=size, rotations=rotations, download=d.download,
-                                 alphabets=_alphabets(alphabets), exclude_alphabets=exclude)
-        train = load(train_split, d.train_alphabets, d.rotations)
-        trained = sorted(set(train.alphabets))
-        test_split, test_alphabets = d.test_split or val_split, d.test_alphabets or d.val_alphabets
-        val = load(val_split, d.val_alphabets, False, () if d.val_alphabets else trained)
-        test = load(test_split, test_alphabets, False, () if test_alphabets else trained)
-        for part, split, named in (("validation", val_split, d.val_alphabets), ("test", test_split, test_alphabets)):
-            _warn_if_seen(trained, _alphabets(named), f"the {part} alphabets of {split!r}", train_split)
-        return train, val, test
-    if name == "miniimagenet":
-        return tuple(data.MiniImageNet(root, s, image_size=size) for s in ("train", "val", "test"))
-    if name == "folder":
-        root = Path(root)
-        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        return tuple(data.ImageFolder(folder, image_size=size, channels=d.channels)
-                     for folder in (root / "train", root / "val", test_dir))
-    raise ValueError(f"no image sets for dataset {name!r}")
-
-
-def fixed_tasks(c: RunConfig, dataset, count: int, seed_offset: int):
-    """``count`` fixed tasks in batches of ``eval_batch`` (the same on every call)."""
-    d = c.data
-    batch = min(d.eval_batch, count)
-    seed = c.training.seed + seed_offset
-    if d.dataset == "sinusoid":
-        return list(data.Sinusoid(d.k_shot, d.k_query, seed=seed).sample(count).split(batch))
-    return _first_tasks(data.EpisodeSampler(dataset, d.n_way, d.k_shot, d.k_query, batch, seed=seed), count)
-
-
-def _first_tasks(sampler, count: int):
-    """The sampler's fixed meta-batches holding its first ``count`` tasks (the last one cut short)."""
-    batch = sampler.batch_size
-    episodes = sampler.fixed(math.ceil(count / batch))
-    extra = len(episodes) * batch - count
-    if extra:
-        episodes[-1] = episodes[-1][: batch - extra]
-    return episodes
-
-
-def lake_tasks(c: RunConfig, split: str = "background_small2", alphabets=None, count: int = 600):
-    """Lake et al.'s one-shot protocol (Science 2015) on an Omniglot split: 20-way 1-shot, every
-    task's 20 characters from one alphabet, its support images by one drawer and its queries (one
-    per character) by another; ``count`` fixed tasks, in batches of ``eval_batch``.
-
-    Only alphabets the run did not train on are used, unless ``alphabets`` names some: the minimal
-    sets share Greek and Latin, image for image, and a model trained on ``background_small1``
-    scores its memory on them. Alphabets with fewer than 20 characters are skipped.
-    Returns ``(tasks, alphabets tested, alphabets left out as seen in training)``."""
-    if c.data.dataset != "omniglot":
-        raise ValueError(f"--protocol lake evaluates on Omniglot; this run's data set is {c.data.dataset}")
-    chosen = _alphabets(alphabets)
-    try:
-        trained = trained_alphabets(c)
-    except FileNotFoundError as error:
-        if chosen is None:
-            raise FileNotFoundError(f"{error}. The protocol leaves out the alphabets the run trained on, so it "
-                                    "reads the training split's names; or name the alphabets to test on "
-                                    "(--alphabets)") from None
-        trained = []
-    _warn_if_seen(trained, chosen, f"the alphabets of {split!r}", c.data.train_split or "background")
-    images = data.Omniglot(c.data.root, split, image_size=c.data.image_size, alphabets=chosen,
-                           exclude_alphabets=() if chosen else trained)
-    sizes = Counter(images.alphabets)
-    batch = min(c.data.eval_batch, count)
-    sampler = data.EpisodeSampler(images, 20, 1, 1, batch, seed=c.training.seed + 2, group_by="alphabet",
-                                  drawers="disjoint")
-    return _first_tasks(sampler, count), sorted(a for a, n in sizes.items() if n >= 20), images.left_out
-
-
 def build_data(c: RunConfig, splits=("train", "val", "test")):
-    """The training task stream and the fixed validation and test tasks named in ``splits``."""
-    d, seed, out = c.data, c.training.seed, {}
-    if d.dataset == "sinusoid":
-        sets = (None, None, None)
-        if "train" in splits:
-            out["train"] = data.Sinusoid(d.k_shot, d.k_query, seed=seed, batch_size=d.task_batch)
-    else:
-        sets = build_sets(c)
-        if "train" in splits:
-            out["train"] = data.EpisodeSampler(sets[0], d.n_way, d.k_shot, d.k_query, d.task_batch, seed=seed,
-                                               augment=data.RandomAffine() if d.augment else None,
-                                               group_by=d.group_by)
-    if "val" in splits:
-        out["val"] = fixed_tasks(c, sets[1], d.val_episodes, 1)
-    if "test" in splits:
-        out["test"] = fixed_tasks(c, sets[2], d.test_episodes, 2)
-    return out
+    """The training task stream and the fixed validation and test tasks named in ``splits``, as the
+    run's data set (``data.source``) builds them."""
+    return data.source(c.data.dataset).build(c, splits)
+
+
+def protocol_tasks(c: RunConfig, protocol: str, split=None, names=None, count: int = 600):
+    """``(tasks, lines to print)`` of an evaluation protocol of the run's data set (Omniglot's ``lake``)."""
+    return data.source(c.data.dataset).protocol_tasks(c, protocol, split, names, count)

@@ -16,8 +16,6 @@ from typing import List, Mapping, Optional, Sequence, Union
 import torch
 
 from . import experiment
-from .algorithms import ProtoNet
-from .checkpoint import find_checkpoint, load_checkpoint
 from .data.transform import ImageTransform, image_files, polarity
 
 SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
@@ -48,15 +46,6 @@ class Prediction:
                 for row_i, row_p in zip(indices.tolist(), values.tolist())]
 
 
-def _output_size(learner) -> Optional[int]:
-    """The number of classes a learner's network tells apart: its last linear layer's outputs (None
-    for ProtoNet, whose prototypes take any number)."""
-    if isinstance(learner, ProtoNet):
-        return None
-    linear = [m for m in learner.model.modules() if isinstance(m, torch.nn.Linear)]
-    return linear[-1].out_features if linear else None
-
-
 class Predictor:
     """A meta-trained learner with its preprocessing, adapted to one support set at a time.
 
@@ -85,39 +74,25 @@ class Predictor:
         A run of the command line rebuilds its learner from the stored configuration; for a model
         built in Python (``Trainer`` with your own learner) pass that ``learner`` to load into.
         """
-        path = find_checkpoint(checkpoint)
-        state = load_checkpoint(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        stored = experiment.stored_config(state["config"])
-        if learner is None:
-            config = experiment.resolve(experiment.with_bn_statistics(stored.updated(dict(device=str(device))),
-                                                                      bn_statistics))
-            if config.data.dataset == "sinusoid":
-                raise ValueError(f"{path}: a sinusoid regressor; Predictor classifies images")
-            learner = experiment.build_learner(config)
-            n_way = config.data.n_way
-        else:
-            if bn_statistics is not None:
-                learner.bn_statistics = bn_statistics
-            n_way = _output_size(learner)
+        run = experiment.load_run(checkpoint, device=device, bn_statistics=bn_statistics, learner=learner)
+        path, state, config = run.path, run.state, run.config
+        if config.loss != "cross_entropy":
+            raise ValueError(f"{path}: a {config.data.dataset} regressor; Predictor classifies images")
         if state.get("transform"):
             transform = ImageTransform.from_dict(state["transform"])
         else:
-            transform = experiment.default_transform(experiment.resolve(stored.updated(dict(device="cpu"))))
+            transform = experiment.default_transform(config)
             if transform is None:
-                raise ValueError(f"{path} stores no preprocessing and its data set ({stored.data.dataset}) has none")
+                raise ValueError(f"{path} stores no preprocessing and its data set ({config.data.dataset}) has none")
             warnings.warn(f"{path} stores no preprocessing (an older checkpoint); reading images as "
-                          f"{stored.data.dataset} files: {transform.channels} channel(s), {transform.image_size}px, "
+                          f"{config.data.dataset} files: {transform.channels} channel(s), {transform.image_size}px, "
                           f"invert={transform.invert}", stacklevel=2)
         if invert is not None:
             transform = transform.replace(invert=bool(invert))
-        try:
-            learner.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ValueError(f"{path}: its weights do not fit this model ({str(error).splitlines()[-1].strip()})") \
-                from error
-        learner.to(device)
-        steps = stored.algorithm.inner_steps_test if inner_steps is None else inner_steps
+        learner = run.learner
+        n_way = learner.output_classes()
+        steps = config.algorithm.inner_steps_test if inner_steps is None else inner_steps
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
         return cls(learner, transform, n_way, steps, device)
@@ -182,11 +157,11 @@ class Predictor:
         counts = torch.bincount(y, minlength=len(names))
         if (counts == 0).any():
             raise ValueError(f"adapt: class {names[int((counts == 0).nonzero()[0])]!r} has no support image")
-        if isinstance(self.learner, ProtoNet):
-            self.learner.n_way = len(names)  # prototypes: any number of classes
-        elif self.n_way is not None and len(names) != self.n_way:
-            raise ValueError(f"the support set has {len(names)} classes, but the model is {self.n_way}-way "
-                             f"(its output layer has {self.n_way} units)")
+        fixed = self.learner.output_classes()
+        if fixed is not None and len(names) != fixed:
+            raise ValueError(f"the support set has {len(names)} classes, but the model is {fixed}-way "
+                             f"(its output layer has {fixed} units)")
+        self.learner.use_classes(len(names))
         with torch.no_grad():
             self._fast = self.learner.adapt(x.to(self.device, self.dtype), y.to(self.device),
                                             inner_steps=self.inner_steps)

@@ -356,6 +356,31 @@ class Trainer:
         self.save("last.pt")
         return self
 
+    def test(self, tasks, progress: bool = False):
+        """Score the validation-selected weights (best.pt) on the test ``tasks``, and the final ones
+        beside them when they differ: ``(report for test.json, result, final weights' result)``.
+        A stop asked for meanwhile raises ``Stopped``: the test is run again on resume."""
+        should_stop = None if self.dist.enabled else (lambda: self.stop_request is not None)
+
+        def test(desc):
+            result = evaluate(self.learner, tasks, self.config.algorithm.inner_steps_test, device=self.device,
+                              progress=progress and self.dist.is_main, desc=desc, should_stop=should_stop)
+            if result is None:
+                raise Stopped(*self.stop_request)
+            return result
+
+        final = test("test (last.pt)")
+        report = {"checkpoint": "last.pt", "step": self.step, **final.as_dict()}
+        result = final
+        if self.best_model is not None:
+            report.update(checkpoint="best.pt", step=self.best_step)
+            if self.best_step != self.step:
+                self.learner.load_state_dict(self.best_model)
+                result = test("test (best.pt)")
+                report = {"checkpoint": "best.pt", "step": self.best_step, **result.as_dict(),
+                          "final": {"checkpoint": "last.pt", "step": self.step, **final.as_dict()}}
+        return report, result, final
+
     def _validate_and_save(self, bar, progress: bool) -> None:
         if self.validate(progress) is None:  # stopped part-way: validated again on resume
             self._stop(bar)

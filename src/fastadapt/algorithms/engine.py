@@ -212,7 +212,7 @@ class MetaLearner(nn.Module):
         (learners that take any number, like ProtoNet, override this to accept it)."""
         fixed = self.output_classes()
         if fixed is not None and fixed != n_way:
-            raise ValueError(f"the tasks are {n_way}-way, but the model is {fixed}-way (its output layer has "
+            raise ValueError(f"the tasks are {n_way}-way, but this is a {fixed}-way model (its output layer has "
                              f"{fixed} units)")
 
     # ------------------------------------------------------------------ building blocks for algorithms

@@ -20,6 +20,7 @@ class ProtoNet(MetaLearner):
 
     name = "protonet"
     summary = "Prototypical Networks (Snell et al. 2017)"
+    classifies_only = True
 
     @classmethod
     def from_config(cls, model, config):

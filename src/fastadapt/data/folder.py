@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .imageset import ImageSet, load_images
+from .source import DataSource
 from .transform import ImageTransform, image_files, polarity
 
 
@@ -54,3 +55,21 @@ class ImageFolder(ImageSet):
         self.files = [files[i] for i in kept]
         super().__init__(images, targets, classes, transform, [str(p) for p in self.files])
         self.root = root
+
+
+class FolderSource(DataSource):
+    """A user's own images as a run's data set: ``root/train``, ``root/val`` and, when present,
+    ``root/test`` (else the validation folder is the test set too), each ``<class>/<images>``."""
+
+    name = "folder"
+    summary = "your own images: --root DIR with DIR/train/<class>/..., DIR/val/<class>/... (and DIR/test)"
+    channels = 3
+    fixed_channels = False
+
+    @classmethod
+    def build_sets(cls, config):
+        d = config.data
+        root = Path(d.root)
+        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+        return tuple(ImageFolder(folder, image_size=d.image_size, channels=d.channels)
+                     for folder in (root / "train", root / "val", test_dir))

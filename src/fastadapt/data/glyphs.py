@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..config import Option
 from .imageset import ImageSet, cached_array
+from .source import DataSource
 from .transform import ImageTransform
 
 # Class identities of the splits live in disjoint ranges, so the splits never share a character.
@@ -118,3 +120,23 @@ class Glyphs(ImageSet):
         super().__init__(torch.from_numpy(images), targets, [f"glyph{offset + c}" for c in range(num_classes)],
                          self.default_transform(image_size))
         self.split, self.seed = split, seed
+
+
+class GlyphsSource(DataSource):
+    """Glyphs as a run's data set: ``glyph_classes`` training characters, 50 for validation and
+    100 for testing, all drawn offline."""
+
+    name = "glyphs"
+    summary = "synthetic Omniglot-like characters, generated offline (the default)"
+    options = (Option("glyph_classes", int, "Glyphs: training characters (default 200)", positive=True),)
+    needs_root = False
+
+    @classmethod
+    def default_transform(cls, config):
+        return Glyphs.default_transform(config.data.image_size)
+
+    @classmethod
+    def build_sets(cls, config):
+        classes = config.data.options.get("glyph_classes") or 200
+        return tuple(Glyphs(num_classes=n, image_size=config.data.image_size, seed=config.training.seed, split=s)
+                     for s, n in (("train", classes), ("val", 50), ("test", 100)))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .imageset import ImageSet, cache_location, cached_array, load_images
+from .source import DataSource
 from .transform import ImageTransform
 
 SPLITS = ("train", "val", "test")
@@ -111,3 +112,21 @@ class MiniImageNet(ImageSet):
         images = cached_array(cache_path, f"{table}:{table.stat().st_mtime}:{len(rows)}", build)
         sources = [str(root / "images" / f) for f, _ in rows]
         return images, np.array([index[label] for _, label in rows], dtype=np.int64), names, sources
+
+
+class MiniImageNetSource(DataSource):
+    """miniImageNet as a run's data set (Ravi and Larochelle's 64/16/20-class splits)."""
+
+    name = "miniimagenet"
+    summary = "miniImageNet: --root with images/ and train/val/test.csv, or the pickle caches"
+    image_size = 84
+    channels = 3
+
+    @classmethod
+    def default_transform(cls, config):
+        return MiniImageNet.default_transform(config.data.image_size)
+
+    @classmethod
+    def build_sets(cls, config):
+        return tuple(MiniImageNet(config.data.root, s, image_size=config.data.image_size)
+                     for s in ("train", "val", "test"))

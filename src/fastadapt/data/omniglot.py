@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..config import Option
 from .download import download as fetch
 from .download import extract_zip
 from .imageset import ImageSet, cache_location, cached_array, load_images, remembered_array
+from .sampler import EpisodeSampler
+from .source import DataSource, first_tasks
 from .transform import ImageTransform
 
 SPLITS = {
@@ -127,7 +132,7 @@ class Omniglot(ImageSet):
         if entries is None:
             raise FileNotFoundError(
                 f"Omniglot split {split!r}: neither {root / base}/ nor {root / (base + '.zip')} exists. "
-                f"Download {_URL.format(base)} into {root}, or pass download=True.")
+                f"Download {_URL.format(base)} into {root}, or pass download=True (--download on the command line).")
         if not entries:
             raise ValueError(f"Omniglot split {split!r}: no <alphabet>/<character>/*.png images under {root}")
         class_names = sorted({name for name, _, _ in entries})
@@ -212,3 +217,112 @@ def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: i
         return subset
 
     return part(train_ids), part(val_ids), part(test_ids)
+
+
+# ---------------------------------------------------------------------------- as a run's data set
+def _names(value) -> Optional[list]:
+    """Alphabet names from a comma-separated option (or a list, from the Python API)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [name for name in value.split(",") if name]
+    return list(value)
+
+
+def _warn_if_seen(trained, named, what: str, train_split: str) -> None:
+    """Named evaluation alphabets that the model trained on score its memory, not one-shot learning."""
+    seen = sorted(set(named or ()) & set(trained))
+    if seen:
+        warnings.warn(f"{what} include {', '.join(seen)}, which the run trained on (Omniglot split "
+                      f"{train_split!r} has the same characters): their scores measure memory, not one-shot "
+                      "learning", stacklevel=4)
+
+
+class OmniglotSource(DataSource):
+    """Omniglot as a run's data set: splits by name, alphabets, rotations, the MAML paper's
+    1200/423-character protocol, and Lake et al.'s within-alphabet evaluation protocol."""
+
+    name = "omniglot"
+    summary = "Omniglot characters (the official zips or folders under --root)"
+    options = (
+        Option("train_alphabets", str, "comma-separated Omniglot alphabets to train on (default: all of the split)"),
+        Option("val_alphabets", str, "alphabets to validate on (default: those of --val-split not trained on)"),
+        Option("test_alphabets", str, "alphabets to test on (default: those of --test-split not trained on)"),
+        Option("rotations", bool, "Omniglot: rotated characters as new classes"),
+        Option("protocol", str, "Omniglot: 'maml' = the 1200/423 character split of all 1623 characters",
+               choices=("maml", "official")),
+    )
+    protocols = {"lake": "Lake et al.'s within-alphabet 20-way 1-shot runs, support and queries by different "
+                         "drawers (Omniglot)"}
+
+    @classmethod
+    def default_transform(cls, config):
+        return Omniglot.default_transform(config.data.image_size)
+
+    @classmethod
+    def trained_alphabets(cls, config) -> list:
+        """The alphabets a run meta-trained on, from its configuration and the training split's file
+        names (the MAML protocol pools every alphabet)."""
+        d, o = config.data, config.data.options
+        if o.get("protocol") == "maml":
+            return alphabets_of(d.root, "background") + alphabets_of(d.root, "evaluation")
+        return _names(o.get("train_alphabets")) or alphabets_of(d.root, d.train_split or "background")
+
+    @classmethod
+    def build_sets(cls, config):
+        d, o, size = config.data, config.data.options, config.data.image_size
+        if o.get("protocol") == "maml":
+            return maml_protocol(d.root, val_classes=100, seed=config.training.seed, image_size=size,
+                                 rotations=bool(o.get("rotations")), download=d.download)
+        train_split = d.train_split or "background"
+        val_split = d.val_split or "evaluation"
+
+        def load(split, alphabets, rotations, exclude=()):
+            return Omniglot(d.root, split, image_size=size, rotations=rotations, download=d.download,
+                            alphabets=_names(alphabets), exclude_alphabets=exclude)
+        train = load(train_split, o.get("train_alphabets"), bool(o.get("rotations")))
+        trained = sorted(set(train.alphabets))
+        val_alphabets = o.get("val_alphabets")
+        test_split, test_alphabets = d.test_split or val_split, o.get("test_alphabets") or val_alphabets
+        val = load(val_split, val_alphabets, False, () if val_alphabets else trained)
+        test = load(test_split, test_alphabets, False, () if test_alphabets else trained)
+        for part, split, named in (("validation", val_split, val_alphabets), ("test", test_split, test_alphabets)):
+            _warn_if_seen(trained, _names(named), f"the {part} alphabets of {split!r}", train_split)
+        return train, val, test
+
+    @classmethod
+    def lake_tasks(cls, config, split: str = "background_small2", alphabets=None, count: int = 600):
+        """Lake et al.'s one-shot protocol (Science 2015) on an Omniglot split: 20-way 1-shot, every
+        task's 20 characters from one alphabet, its support images by one drawer and its queries
+        (one per character) by another; ``count`` fixed tasks, in batches of ``eval_batch``.
+
+        Only alphabets the run did not train on are used, unless ``alphabets`` names some: the
+        minimal sets share Greek and Latin, image for image, and a model trained on
+        ``background_small1`` scores its memory on them. Alphabets with fewer than 20 characters
+        are skipped. Returns ``(tasks, alphabets tested, alphabets left out as seen in training)``."""
+        chosen = _names(alphabets)
+        try:
+            trained = cls.trained_alphabets(config)
+        except FileNotFoundError as error:
+            if chosen is None:
+                raise FileNotFoundError(f"{error}. The protocol leaves out the alphabets the run trained on, so it "
+                                        "reads the training split's names; or name the alphabets to test on "
+                                        "(--alphabets)") from None
+            trained = []
+        _warn_if_seen(trained, chosen, f"the alphabets of {split!r}", config.data.train_split or "background")
+        images = Omniglot(config.data.root, split, image_size=config.data.image_size, alphabets=chosen,
+                          exclude_alphabets=() if chosen else trained)
+        sizes = Counter(images.alphabets)
+        sampler = EpisodeSampler(images, 20, 1, 1, min(config.data.eval_batch, count), seed=config.training.seed + 2,
+                                 group_by="alphabet", drawers="disjoint")
+        return first_tasks(sampler, count), sorted(a for a, n in sizes.items() if n >= 20), images.left_out
+
+    @classmethod
+    def protocol_tasks(cls, config, protocol, split=None, names=None, count: int = 600):
+        if protocol != "lake":
+            return super().protocol_tasks(config, protocol, split, names, count)
+        tasks, tested, left_out = cls.lake_tasks(config, split or "background_small2", names, count)
+        lines = ["Lake et al.'s protocol: 20-way 1-shot within one alphabet, support and queries by different drawers",
+                 f"alphabets: {', '.join(tested)}" + (f" (left out, seen in training: {', '.join(left_out)})"
+                                                      if left_out else "")]
+        return tasks, lines

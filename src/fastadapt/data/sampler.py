@@ -29,17 +29,18 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
     ``augment(images, generator)``, if given, maps the float images of one meta-batch
     ``[N, C, H, W]`` to new ones of the same shape, using the numpy ``generator`` for randomness.
 
-    Lake et al.'s one-shot runs (Science 2015) use two more options. ``group_by="alphabet"``
-    draws all classes of a task from one alphabet (the data set's ``alphabets``, one per class;
-    alphabets with fewer than ``n_way`` classes are left out). ``drawers="disjoint"`` takes each
-    task's support images from ``k_shot`` drawers and its query images from ``k_query`` other
-    drawers, the same drawers for every class (the data set's ``drawers``, one per image), so no
-    query is drawn by a hand seen in the support set.
+    Lake et al.'s one-shot runs (Science 2015) use two more options, given as data (the sampler
+    knows no data set). ``groups``, one group label per class, draws all classes of a task from
+    one group (groups with fewer than ``n_way`` classes are left out). ``drawers``, one drawer id
+    per image, takes each task's support images from ``k_shot`` drawers and its query images from
+    ``k_query`` other drawers, the same drawers for every class, so no query is drawn by a hand
+    seen in the support set. ``group_by="alphabet"`` and ``drawers="disjoint"`` are shorthands
+    for the data set's own ``alphabets`` (per class) and ``drawers`` (per image), as Omniglot has.
     """
 
     def __init__(self, dataset, n_way: int, k_shot: int, k_query: int, batch_size: int, seed: int = 0,
                  augment: Optional[Callable] = None, group_by: Optional[str] = None,
-                 drawers: Optional[str] = None):
+                 drawers=None, groups=None):
         super().__init__()
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query), ("batch_size", batch_size)):
             if not isinstance(value, int) or value <= 0:
@@ -58,27 +59,38 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         self.augment = augment
         self.start = 0
         self._class_indices = [dataset.indices_of(c).numpy() for c in range(dataset.num_classes)]
-        self.group_by, self.drawers = group_by, drawers
-        self._groups = self._eligible_groups(dataset, group_by, n_way)
+        if group_by is not None:
+            if group_by != "alphabet":
+                raise ValueError(f"EpisodeSampler: group_by must be None or 'alphabet', got {group_by!r}")
+            groups = getattr(dataset, "alphabets", None)
+            if groups is None:
+                raise ValueError(f"EpisodeSampler: group_by='alphabet' needs a data set with alphabets (Omniglot); "
+                                 f"{dataset!r} has none")
+        if isinstance(drawers, str):
+            if drawers != "disjoint":
+                raise ValueError(f"EpisodeSampler: drawers must be None, 'disjoint' or one drawer per image, "
+                                 f"got {drawers!r}")
+            drawers = getattr(dataset, "drawers", None)
+            if drawers is None or (torch.as_tensor(drawers) < 0).any():
+                raise ValueError(f"EpisodeSampler: drawers='disjoint' needs the drawer of every image (Omniglot's "
+                                 f"file names); {dataset!r} has none")
+        self._groups = self._eligible_groups(dataset, groups, n_way, "alphabet" if group_by else "group")
         self._by_drawer = self._drawer_table(dataset, drawers, k_shot + k_query)
 
-    def _eligible_groups(self, dataset, group_by, n_way):
+    def _eligible_groups(self, dataset, names, n_way, word):
         """The class indices of each group with at least ``n_way`` classes (None: no grouping)."""
-        if group_by is None:
-            return None
-        if group_by != "alphabet":
-            raise ValueError(f"EpisodeSampler: group_by must be None or 'alphabet', got {group_by!r}")
-        names = getattr(dataset, "alphabets", None)
         if names is None:
-            raise ValueError(f"EpisodeSampler: group_by='alphabet' needs a data set with alphabets (Omniglot); "
-                             f"{dataset!r} has none")
+            return None
+        if len(names) != dataset.num_classes:
+            raise ValueError(f"EpisodeSampler: groups must give one group per class ({dataset.num_classes}), "
+                             f"got {len(names)}")
         groups = {}
         for cls, name in enumerate(names):
             groups.setdefault(name, []).append(cls)
         eligible = [np.array(members) for _, members in sorted(groups.items()) if len(members) >= n_way]
         if not eligible:
             largest = max(groups.items(), key=lambda item: len(item[1]))
-            raise ValueError(f"EpisodeSampler: no alphabet has n_way={n_way} classes (the largest, "
+            raise ValueError(f"EpisodeSampler: no {word} has n_way={n_way} classes (the largest, "
                              f"{largest[0]!r}, has {len(largest[1])})")
         return eligible
 
@@ -86,13 +98,10 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         """``[classes, drawers]`` image indices (None: drawers not used)."""
         if drawers is None:
             return None
-        if drawers != "disjoint":
-            raise ValueError(f"EpisodeSampler: drawers must be None or 'disjoint', got {drawers!r}")
-        of_image = getattr(dataset, "drawers", None)
-        if of_image is None or (torch.as_tensor(of_image) < 0).any():
-            raise ValueError(f"EpisodeSampler: drawers='disjoint' needs the drawer of every image (Omniglot's "
-                             f"file names); {dataset!r} has none")
-        of_image = torch.as_tensor(of_image).numpy()
+        of_image = torch.as_tensor(drawers).numpy()
+        if of_image.shape != (len(dataset.images),):
+            raise ValueError(f"EpisodeSampler: drawers must give one drawer per image ({len(dataset.images)}), "
+                             f"got shape {tuple(of_image.shape)}")
         self._drawer_ids = np.unique(of_image)
         table = np.full((dataset.num_classes, len(self._drawer_ids)), -1, dtype=np.int64)
         position = {d: i for i, d in enumerate(self._drawer_ids.tolist())}

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .episodes import TaskBatch
+from .source import DataSource
 
 
 class Sinusoid:
@@ -56,3 +57,36 @@ class Sinusoid:
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
         self.generator.set_state(state["generator"])
+
+
+class SinusoidSource(DataSource):
+    """The MAML paper's sinusoid regression as a run's data set: K = ``k_shot`` support points."""
+
+    name = "sinusoid"
+    summary = "the MAML paper's sinusoid regression (K = --k-shot points)"
+    needs_root = False
+    loss = "mse"
+    network = "mlp"
+
+    @classmethod
+    def default_transform(cls, config):
+        return None
+
+    @classmethod
+    def describe(cls, config):
+        return f"regression, K={config.data.k_shot}"
+
+    @classmethod
+    def tag(cls, config):
+        return f"k{config.data.k_shot}"
+
+    @classmethod
+    def build(cls, config, splits=("train", "val", "test")):
+        d, seed, out = config.data, config.training.seed, {}
+        if "train" in splits:
+            out["train"] = Sinusoid(d.k_shot, d.k_query, seed=seed, batch_size=d.task_batch)
+        for split, count, offset in (("val", d.val_episodes, 1), ("test", d.test_episodes, 2)):
+            if split in splits:
+                tasks = Sinusoid(d.k_shot, d.k_query, seed=seed + offset).sample(count)
+                out[split] = list(tasks.split(min(d.eval_batch, count)))
+        return out

@@ -1,0 +1,58 @@
+"""``fastadapt eval``: score a run on fixed test tasks, or on one of its data set's protocols."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import data, experiment
+from ..evaluate import evaluate
+from . import common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")
+    p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
+    p.add_argument("--episodes", type=int, help="test tasks (default: the run's, 600)")
+    p.add_argument("--inner-steps-test", type=int)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(data.sources()))
+    g.add_argument("--root")
+    g.add_argument("--split", help="test split to evaluate on (with --protocol lake: default background_small2)")
+    protocols = {name: text for cls in data.sources().values() for name, text in cls.protocols.items()}
+    g.add_argument("--protocol", choices=sorted(protocols) or None,
+                   help="; ".join(f"{name}: {text}" for name, text in sorted(protocols.items())))
+    g.add_argument("--alphabets", help="comma-separated Omniglot alphabets")
+    g = p.add_argument_group("devices")
+    g.add_argument("--device", help="default: the run's device if this machine has it, else cpu")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--bn-statistics", choices=["batch", "running"], help=common.BN_STATISTICS_HELP)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.alphabets,
+                   test_episodes=args.episodes, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
+    loaded = experiment.load_run(args.checkpoint, changes=changes, device=args.device or "usable",
+                                 bn_statistics=args.bn_statistics)
+    config, learner = loaded.config, loaded.learner
+    steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
+    if steps < 0:
+        raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
+    if args.protocol:
+        tasks, lines = experiment.protocol_tasks(config, args.protocol, args.split, args.alphabets,
+                                                 config.data.test_episodes)
+        try:
+            learner.use_classes(tasks[0].support_y.shape[1])
+        except ValueError as error:
+            raise ValueError(f"--protocol {args.protocol}: {error}; {loaded.path} cannot be scored on it") from None
+        print("\n".join(lines))
+    else:
+        tasks = experiment.build_data(config, splits=("test",))["test"]
+    print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")
+    print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
+                   desc="evaluate").table())
+    return 0

@@ -1,0 +1,65 @@
+"""``fastadapt predict``: adapt a run to a folder of labelled support images and classify queries."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from . import common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="adapt to a support folder and classify query images",
+                       description="Adapt a meta-trained model to labelled support images and classify query "
+                                   "images. Files are read with the preprocessing stored in the checkpoint.")
+    p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
+    p.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class (any number "
+                                                    "of images each)")
+    p.add_argument("--query", required=True, help="an image, or a folder of images to classify (normalised "
+                                                  "together: see --bn-statistics)")
+    p.add_argument("--inner-steps-test", "--steps", dest="inner_steps_test", type=int,
+                   help="adaptation steps (default: the run's test steps)")
+    p.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (csv has a header)")
+    p.add_argument("--top-k", type=int, help="also list the K most probable classes with probabilities")
+    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the stored polarity: --invert reads files as 255 - pixel (Omniglot's "
+                        "black-on-white PNGs), --no-invert as they are")
+    p.add_argument("--device", help="default cpu")
+    p.add_argument("--bn-statistics", choices=["batch", "running"], help=common.BN_STATISTICS_HELP)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..predict import Predictor
+
+    if args.top_k is not None and args.top_k <= 0:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
+                               bn_statistics=args.bn_statistics, invert=args.invert)
+    query = Path(args.query)
+    if not query.exists():
+        raise FileNotFoundError(f"--query {query} does not exist")
+    prediction = predictor.adapt(args.support).predict(query)
+    k = args.top_k or 1
+    ranked = prediction.top_k(k)
+    if args.format == "json":
+        rows = [{"path": source, "label": name, "probability": ranked[i][0][1],
+                 **({"top_k": [{"label": n, "probability": p} for n, p in ranked[i]]} if args.top_k else {})}
+                for i, (source, name) in enumerate(zip(prediction.sources, prediction.names))]
+        print(json.dumps(rows, indent=2))
+        return 0
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    header = ["path", "label", "probability"]
+    for rank in range(2, len(ranked[0]) + 1):
+        header += [f"label_{rank}", f"probability_{rank}"]
+    writer.writerow(header)
+    for source, name, top in zip(prediction.sources, prediction.names, ranked):
+        row = [source, name, f"{top[0][1]:.6f}"]
+        for other, probability in top[1:]:
+            row += [other, f"{probability:.6f}"]
+        writer.writerow(row)
+    return 0
+
