@@ -337,3 +337,99 @@ def test_use_classes_accepts_any_number_for_prototypes_and_refuses_another_outpu
     assert protonet.output_classes() is None
     protonet.use_classes(20)
     assert protonet.n_way == 20
+
+
+# ---------------------------------------------------------------------------- a data set in one file
+class Stripes(fastadapt.data.DataSource):
+    """A toy data set, defined here and nowhere else: class c is a bright horizontal stripe at row
+    ``c * stripe_gap`` of a 12x12 image, with noise."""
+
+    name = "toy-stripes"
+    summary = "a test's toy data set"
+    options = (Option("stripe_gap", int, "the toy's rows between stripes", positive=True),)
+    needs_root = False
+    image_size = 12
+
+    @classmethod
+    def build_sets(cls, config):
+        gap = config.data.options.get("stripe_gap") or 1
+        sets = []
+        for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+            g = torch.Generator().manual_seed(seed)
+            images = torch.randint(0, 60, (6 * 4, 1, 12, 12), generator=g, dtype=torch.uint8)
+            targets = torch.arange(6).repeat_interleave(4)
+            for index, c in enumerate(targets.tolist()):
+                images[index, 0, (c * gap) % 12] = 255
+            sets.append(fastadapt.data.ImageSet(images, targets, [f"{split}{c}" for c in range(6)],
+                                                fastadapt.data.ImageTransform(12, 1)))
+        return tuple(sets)
+
+
+def test_a_data_set_in_one_file_is_registered_configured_and_trained_from_the_command_line(tmp_path, capsys):
+    assert fastadapt.data.source("toy-stripes") is Stripes
+    tiny = {k: v for k, v in TINY.items() if k != "glyph_classes"}
+    config = experiment.resolve(dict(tiny, dataset="toy-stripes", stripe_gap=2))
+    assert config.data.options == {"stripe_gap": 2} and config.data.image_size == 12
+    assert experiment.build_data(config, splits=("train",))["train"].dataset.images.shape == (24, 1, 12, 12)
+    run = tmp_path / "stripes"
+    args = ["train", *TINY_ARGS, "--dataset", "toy-stripes", "--stripe-gap", "2", "--out", str(run)]
+    args.remove("--glyph-classes"), args.remove("12")
+    assert main(args) == 0
+    stored = load_checkpoint(run / "last.pt")["config"]["data"]
+    assert stored["dataset"] == "toy-stripes" and stored["options"] == {"stripe_gap": 2}
+    assert main(["eval", str(run), "--quiet"]) == 0
+    assert "4 test tasks" in capsys.readouterr().out
+    assert main([*args[:-2], "--stripe-gap", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--stripe-gap must be a positive integer, got 0" in capsys.readouterr().err
+    # another data set's option is refused by name
+    with pytest.raises(ConfigError, match=r"DataConfig.options\['stripe_gap'\] is not an option of data set 'glyphs'"):
+        experiment.resolve(dict(TINY, stripe_gap=2))
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "toy-stripes: a test's toy data set" in help_text and "--stripe-gap" in help_text
+
+
+def test_every_flag_takes_its_underscore_spelling_and_help_is_grouped():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and "-" in flag[2:] and action.nargs is None and action.type in (int, float):
+                value = "3"
+                assert getattr(train.parse_args([flag.replace("-", "_").replace("__", "--", 1), value]),
+                               action.dest) == getattr(train.parse_args([flag, value]), action.dest), flag
+    args = parser.parse_args(["train", "--eval_every", "7", "--k_spt=2", "--no_lslr", "--first_order"])
+    assert (args.eval_every, args.k_shot, args.lslr, args.first_order) == (7, 2, False, True)
+    assert parser.parse_args(["eval", "RUN", "--inner_steps_test", "4"]).inner_steps_test == 4
+    titles = [group.title for group in train._action_groups]
+    for title in ("data", "episode shape", "algorithm", "model", "training", "checkpoints and stopping", "devices"):
+        assert title in titles, title
+    resume = next(a for a in train._actions if a.dest == "resume").help
+    from fastadapt.cli import common
+    for key in common.RESUME_OVERRIDES:
+        flag = next(a for a in train._actions if a.dest == key).option_strings[0]
+        assert flag in resume, (flag, resume)
+
+
+def test_the_command_line_names_no_algorithm():
+    names = set(registered())
+    for path in (SRC / "cli").glob("*.py"):
+        strings = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not names & strings, (path.name, names & strings)
+
+
+def test_a_nested_checkpoint_from_before_data_set_options_loads(tmp_path):
+    config = experiment.resolve(dict(TINY, algo="maml"))
+    old = config.to_dict()
+    old["data"].pop("options")
+    old["data"].update(train_alphabets=None, val_alphabets=None, test_alphabets=None, rotations=False,
+                       protocol=None, glyph_classes=12)
+    restored = experiment.resolve(experiment.stored_config(old))
+    assert restored.data.options == {"glyph_classes": 12} and restored == config
+    learner = experiment.build_learner(config)
+    path = fastadapt.checkpoint.save_checkpoint({"model": learner.state_dict(), "config": old, "step": 3},
+                                                tmp_path / "old.pt")
+    run = experiment.load_run(path, device="usable")
+    assert run.config == config and run.state["step"] == 3
+    for a, b in zip(run.learner.parameters(), learner.parameters()):
+        assert torch.equal(a, b)
