@@ -7,7 +7,7 @@ config list the way the reference's ``Learner.forward(x, vars, bn_training=True)
 ``F.batch_norm`` in training mode), with ``create_graph=True`` so that every side computes the same
 second-order meta-gradient, then take the same Adam step:
 
-- seed-style: keeps every step's query loss with its graph, as the reference's ``losses_q`` does;
+- reference-style: keeps every step's query loss with its graph, as the reference's ``losses_q`` does;
 - lean + accuracies: scores the earlier steps' query sets without a graph, so that it returns the
   same per-step accuracies as ``Meta.forward`` (the fair strongest loop);
 - lean, no accuracies: scores the query set once, after the last step (less work than the
@@ -97,7 +97,7 @@ def main() -> None:
             labels.repeat_interleave(args.k_qry).repeat(args.task_num, 1))
     torch.manual_seed(0)
     meta = Meta(args, config)
-    loops = {"seed-style loop": "seed", "lean loop + accuracies": "accuracy", "lean loop, no accuracies": "final"}
+    loops = {"reference-style loop": "seed", "lean loop + accuracies": "accuracy", "lean loop, no accuracies": "final"}
     runs = {"compat.Meta.forward": lambda: meta(*data)}
     for name, scoring in loops.items():
         weights = [w.detach().clone().requires_grad_() for w in meta.net.parameters()]

@@ -1,11 +1,11 @@
-"""Time one MAML meta-iteration: fastadapt's vectorised engine against the seed-style loop.
+"""Time one MAML meta-iteration: fastadapt's vectorised engine against the reference-style loop.
 
-The setting is the MAML-Pytorch seed's Omniglot run: conv4 with 64 filters, 28x28 inputs, 5-way
+The setting is the MAML-Pytorch reference code's Omniglot run: conv4 with 64 filters, 28x28 inputs, 5-way
 1-shot, 15 queries per class, 32 tasks, 5 inner steps at lr 0.4. The loop is written like the
-seed's ``Meta.forward`` (a Python loop over tasks, ``torch.autograd.grad`` per step, every step's
+reference's ``Meta.forward`` (a Python loop over tasks, ``torch.autograd.grad`` per step, every step's
 query loss kept) but with ``create_graph=True``, so that both compute the same second-order
 gradient; the table prints the largest gradient difference. Test-time adaptation compares
-``fine_tune`` with the seed's ``finetunning`` (deep copy of the network per task).
+``fine_tune`` with the reference's ``finetunning`` (deep copy of the network per task).
 
 Timings alternate between the two implementations (the machine is shared and noisy) and report
 medians and their ratio from one run. Peak memory is measured in a fresh subprocess per row:

@@ -94,7 +94,7 @@ def forward(model, params, x):
 def loop_meta_loss(model, batch, inner_lr, steps, create_graph, loss_fn=F.cross_entropy, per_step=True):
     """Mean final query loss over tasks, and per-step query accuracies (when classifying).
 
-    Like the seed, every step's query loss is computed with the graph kept (the seed sums them into
+    Like the reference code, every step's query loss is computed with the graph kept (it sums them into
     ``losses_q``), so this is also the loop that the benchmark times.
     """
     params = dict(model.named_parameters())
@@ -121,7 +121,7 @@ def loop_meta_loss(model, batch, inner_lr, steps, create_graph, loss_fn=F.cross_
 
 
 def deepcopy_fine_tune(model, batch, inner_lr, steps):
-    """The seed's ``finetunning``: deep-copy the network per task, adapt, score every step."""
+    """The reference code's ``finetunning``: deep-copy the network per task, adapt, score every step."""
     accuracies = torch.zeros(batch.num_tasks, steps + 1)
     for i in range(batch.num_tasks):
         net = copy.deepcopy(model)

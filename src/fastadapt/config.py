@@ -287,10 +287,11 @@ class RunConfig:
             sections["algorithm"]["options"] = dict(sections["algorithm"].get("options") or {})
             data = sections["data"]
             data["options"] = dict(data.get("options") or {})
-            for key in LEGACY_DATA_FIELDS:  # a 0.1 checkpoint: unset ones were stored at their defaults
+            declared = DATASETS.get(data.get("dataset", "glyphs"), {}).get("options", {})
+            for key in LEGACY_DATA_FIELDS:  # an older checkpoint stored every data set's, unset ones at defaults
                 if key in data:
                     value = data.pop(key)
-                    if value not in (None, False) and not (key == "glyph_classes" and value == 200):
+                    if key in declared and value not in (None, False) and not (key == "glyph_classes" and value == 200):
                         data["options"][key] = value
             for name, part in sections.items():
                 unknown = set(part) - {f.name for f in dataclasses.fields(SECTIONS[name])}

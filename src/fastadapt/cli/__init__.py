@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    args.flags = common.flags(parser)
+    args.flags = common.flags(parser, args.command)
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"fastadapt {args.command}: warning: {message}", file=sys.stderr)

@@ -172,13 +172,15 @@ def show_defaults(parser: argparse.ArgumentParser) -> None:
             action.help = f"{action.help or ''} (default: {shown(action.dest, defaults[action.dest])})".strip()
 
 
-def flags(parser: argparse.ArgumentParser) -> dict:
-    """Configuration key -> the flag that sets it, over every subcommand (for error messages)."""
+def flags(parser: argparse.ArgumentParser, command=None) -> dict:
+    """Configuration key -> the flag that sets it (for error messages): ``command``'s own flags
+    first, then those of the other subcommands."""
     found = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                for key, flag in flags(sub).items():
+            order = sorted(action.choices, key=lambda name: name != command)
+            for name in order:
+                for key, flag in flags(action.choices[name]).items():
                     found.setdefault(key, flag)
         elif action.option_strings:
             found.setdefault(action.dest, action.option_strings[0])

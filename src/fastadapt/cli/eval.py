@@ -21,7 +21,7 @@ def register(sub) -> None:
     protocols = {name: text for cls in data.sources().values() for name, text in cls.protocols.items()}
     g.add_argument("--protocol", choices=sorted(protocols) or None,
                    help="; ".join(f"{name}: {text}" for name, text in sorted(protocols.items())))
-    g.add_argument("--alphabets", help="comma-separated Omniglot alphabets")
+    g.add_argument("--alphabets", dest="test_alphabets", help="comma-separated Omniglot alphabets")
     g = p.add_argument_group("devices")
     g.add_argument("--device", help="default: the run's device if this machine has it, else cpu")
     g.add_argument("--threads", type=int, help="torch CPU threads")
@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.alphabets,
+    changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.test_alphabets,
                    test_episodes=args.episodes, threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,7 +43,7 @@ def run(args) -> int:
     if steps < 0:
         raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
     if args.protocol:
-        tasks, lines = experiment.protocol_tasks(config, args.protocol, args.split, args.alphabets,
+        tasks, lines = experiment.protocol_tasks(config, args.protocol, args.split, args.test_alphabets,
                                                  config.data.test_episodes)
         try:
             learner.use_classes(tasks[0].support_y.shape[1])
