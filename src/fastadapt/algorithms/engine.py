@@ -194,6 +194,12 @@ class MetaLearner(nn.Module):
         """
         optimizer.zero_grad(set_to_none=True)
         out = self.meta_backward(batch, per_step=per_step)
+        return self.apply_update(out, optimizer, clip_grad, before_update)
+
+    def apply_update(self, out: MetaOutput, optimizer, clip_grad: Optional[float] = None,
+                     before_update: Optional[Callable[[MetaOutput], None]] = None) -> MetaOutput:
+        """The end of a ``train_step`` once ``.grad`` holds the update's direction:
+        ``before_update(out)``, clipping, ``optimizer.step()``; returns ``out``."""
         if before_update is not None:
             before_update(out)
         if clip_grad:

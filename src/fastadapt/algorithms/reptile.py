@@ -73,12 +73,7 @@ class Reptile(MetaLearner):
         out, fast = self.adapt_tasks(batch, self.inner_steps, per_step=per_step)
         for name, p in self.model.named_parameters():
             p.grad = p.detach() - fast[name].mean(0)
-        if before_update is not None:
-            before_update(out)
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
-        optimizer.step()
-        return out
+        return self.apply_update(out, optimizer, clip_grad, before_update)
 
     def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.outer_lr)
