@@ -1,0 +1,388 @@
+"""MAML-RL (Finn, Abbeel and Levine, ICML 2017, sec. 5.3 and app. A.2) on the shared engine.
+
+Each task adapts the policy with ``inner_steps`` policy-gradient steps, each on trajectories
+sampled with the policy as adapted so far. The step itself is the inner-loop rule of a MAML-family
+learner (``MAML``, or ``MetaSGD``'s learned rates) applied to ``PolicyGradientLoss``, vmapped over
+tasks, second order unless ``first_order``. The outer step scores each task's query trajectories,
+sampled with its adapted policy, by the importance-weighted surrogate and updates the initial
+policy with TRPO (Schulman et al. 2015) as the paper does: the mean KL's Hessian-vector products
+are taken through the adaptation, conjugate gradient solves for the natural direction, and a
+backtracking line search keeps the mean KL under ``max_kl`` while the surrogate improves. The
+alternative ``outer="ppo"`` takes clipped-surrogate Adam steps instead (first order in the outer
+step's curvature; still through the adaptation).
+
+The Hessian-vector products are exact and cheap: the KL and its gradient (with a graph) are
+built once per iteration, and each product is one more backward pass through that graph
+(``hvp_fraction`` < 1 builds it on that share of each task's query trajectories, a common TRPO
+option). Sampling adds no graph: trajectories are constants of the meta-gradient, as in the
+paper (not the DiCE / ProMP estimator).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from ..algorithms import MAML, MetaSGD
+from ..algorithms.functional import detach
+from . import returns as R
+from .policies import PolicyGradientLoss
+from .sampling import Trajectories, policy_outputs, sample
+
+RULES = {"maml": MAML, "metasgd": MetaSGD}
+
+
+@dataclass
+class RLOutput:
+    """What one meta-iteration or evaluation produced. ``loss``: the outer surrogate before the
+    update (training) or minus the mean return after adapting (evaluation); ``returns``: mean return
+    per task ``[T, steps + 1]``, before adapting, then after each step; ``kl``: the mean KL of
+    the accepted outer step (training); ``accepted``: whether the line search found a step."""
+
+    loss: torch.Tensor
+    returns: torch.Tensor
+    kl: Optional[float] = None
+    accepted: Optional[bool] = None
+
+    @property
+    def query_loss(self) -> torch.Tensor:
+        return -self.returns.mean(0)
+
+    @property
+    def query_accuracy(self):
+        return None
+
+    @property
+    def task_loss(self) -> torch.Tensor:
+        return -self.returns
+
+    @property
+    def task_accuracy(self):
+        return None
+
+    @property
+    def task_return(self) -> torch.Tensor:
+        return self.returns
+
+
+class MAMLTRPO(nn.Module):
+    """MAML-RL on a task family (``rl.envs``) with a policy (``rl.policies``).
+
+    ``inner_lr``/``inner_steps``: the adaptation (the paper: one step at 0.1); ``rule``: ``"maml"``
+    or ``"metasgd"``; ``trajectories`` per task and ``horizon`` per trajectory, for the support and
+    the query sets alike; ``gamma``/``gae_lambda``: returns and GAE with the linear feature baseline
+    refitted per task, advantages normalised per task; TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
+    ``ls_steps``, ``ls_ratio``; PPO: ``ppo_clip``, ``ppo_epochs`` with the optimiser
+    ``make_optimizer`` gives (Adam at ``meta_lr``). At test time the steps after the first take half
+    the rate (the paper's app. A.2: halving it after the first step did better).
+    """
+
+    def __init__(self, policy: nn.Module, family, inner_lr: float = 0.1, inner_steps: int = 1,
+                 first_order: bool = False, rule: str = "maml", trajectories: int = 20, horizon: Optional[int] = None,
+                 gamma: float = 0.99, gae_lambda: float = 1.0, outer: str = "trpo", max_kl: float = 0.01,
+                 cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15, ls_ratio: float = 0.8,
+                 hvp_fraction: float = 1.0, ppo_clip: float = 0.2, ppo_epochs: int = 5, seed: int = 0):
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if outer not in ("trpo", "ppo"):
+            raise ValueError(f"outer must be 'trpo' or 'ppo', got {outer!r}")
+        if not 0 < hvp_fraction <= 1:
+            raise ValueError(f"hvp_fraction must be in (0, 1], got {hvp_fraction!r}")
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
+        if family.num_actions is not None and not getattr(policy, "discrete", False) or \
+                family.num_actions is None and getattr(policy, "discrete", False):
+            kind = "discrete" if family.num_actions is not None else "continuous"
+            raise ValueError(f"environment {family.name}: its actions are {kind}, which {type(policy).__name__} "
+                             "cannot serve (Gaussian policies: continuous; categorical: discrete)")
+        self.policy, self.family = policy, family
+        self.learner = RULES[rule](policy, inner_lr, inner_steps, first_order=first_order,
+                                   loss=PolicyGradientLoss(policy), classification=False, task_chunk=None)
+        self.rule, self.inner_lr, self.inner_steps, self.first_order = rule, float(inner_lr), inner_steps, first_order
+        self.trajectories, self.horizon = int(trajectories), int(horizon or family.horizon)
+        self.gamma, self.gae_lambda, self.outer = float(gamma), float(gae_lambda), outer
+        self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), int(cg_iters), float(cg_damping)
+        self.ls_steps, self.ls_ratio, self.hvp_fraction = int(ls_steps), float(ls_ratio), float(hvp_fraction)
+        self.ppo_clip, self.ppo_epochs, self.seed = float(ppo_clip), int(ppo_epochs), int(seed)
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ the Trainer's interface
+    @classmethod
+    def accepted_options(cls):
+        return ()
+
+    def on_step(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def make_optimizer(self, meta_lr: float) -> torch.optim.Optimizer:
+        """Adam at ``meta_lr`` for ``outer="ppo"``; for TRPO, plain SGD at rate 1 through which the
+        accepted step (written into ``.grad``) is applied, so checkpoints and schedules see one."""
+        if self.outer == "ppo":
+            return torch.optim.Adam(self.parameters(), lr=meta_lr)
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    # ------------------------------------------------------------------ data
+    def _generator(self, tasks: torch.Tensor, step: int, test: bool) -> torch.Generator:
+        """Action noise of one sampling phase, from the seed, the tasks, the phase and (in training)
+        the iteration, so a run and its resumed copy sample alike and evaluation is the same each time."""
+        key = int(torch.as_tensor(tasks).double().abs().sum().mul(1e6).round().item()) % 1_000_003
+        iteration = -1 if test else self.iteration
+        return torch.Generator().manual_seed(((self.seed * 1_000_003 + key) * 100_003 + iteration) * 101 + step + 1)
+
+    def advantages(self, trajectories: Trajectories) -> torch.Tensor:
+        """GAE over the linear baseline fitted to this task's returns, normalised per task."""
+        returns = R.discounted_returns(trajectories.rewards, trajectories.mask, self.gamma)
+        values = R.fit_linear_baseline(trajectories.observations, returns, trajectories.mask)
+        advantages = R.gae(trajectories.rewards, values, trajectories.mask, self.gamma, self.gae_lambda)
+        return R.normalise(advantages, trajectories.mask)
+
+    @staticmethod
+    def pack(trajectories: Trajectories, advantages: torch.Tensor):
+        """Per task: observations ``[T, N*H, obs]`` and the loss's target ``[T, N*H, act + 2]``."""
+        t = trajectories
+        target = torch.cat([t.actions, advantages[..., None], t.mask[..., None]], dim=-1)
+        return t.observations.flatten(1, 2), target.flatten(1, 2)
+
+    # ------------------------------------------------------------------ adaptation
+    def inner_step(self, params: dict, per_task: bool, observations, target, create_graph: bool) -> dict:
+        """One inner step of every task (the rule's ``inner_loop``, vmapped over tasks)."""
+        def one(p, o, y):
+            fast = p
+            for fast in self.learner.inner_loop(p, {}, o, y, 1, create_graph):
+                pass
+            return fast
+
+        with self.learner.forward_context():
+            return vmap(one, in_dims=(0 if per_task else None, 0, 0), randomness="different")(params, observations,
+                                                                                             target)
+
+    def adapt_along(self, support: list, create_graph: bool) -> dict:
+        """The adapted weights of every task as a function of the meta-parameters, through the
+        recorded support data of each step (``[(observations, target), ...]``, constants)."""
+        fast, per_task = self.learner.meta_params(), False
+        for observations, target in support:
+            fast, per_task = self.inner_step(fast, per_task, observations, target, create_graph), True
+        return fast
+
+    def collect(self, tasks: torch.Tensor, steps: int, test: bool = False):
+        """Sample and adapt without a graph: the support data of each step, each task's adapted
+        weights, and the trajectories before adapting and after each step (``steps + 1`` sets)."""
+        env = self.family.make_env(tasks, self.trajectories, seed=self.seed + (0 if test else self.iteration))
+        try:
+            fast, per_task = detach(self.learner.meta_params()), False
+            support, sampled = [], []
+            for step in range(steps + 1):
+                trajectories = sample(env, self.policy, fast, self.horizon, self._generator(tasks, step, test), per_task)
+                sampled.append(trajectories)
+                if step == steps:
+                    break
+                advantages = self.advantages(trajectories)
+                if test and step > 0:
+                    advantages = advantages * 0.5  # half the rate: exact for rules linear in the gradient
+                observations, target = self.pack(trajectories, advantages)
+                support.append((observations, target))
+                with torch.no_grad():
+                    fast, per_task = self.inner_step(fast, per_task, observations, target, False), True
+        finally:
+            env.close()
+        return support, fast, sampled
+
+    # ------------------------------------------------------------------ the outer objective
+    def _query_terms(self, fast, query: Trajectories, advantages, old_out, old_log_prob):
+        """Per-task surrogate (minus the importance-weighted advantage) and mean KL from the old policy."""
+        out = policy_outputs(self.policy, fast, query.observations.flatten(1, 2), per_task=True)
+        mask = query.mask.flatten(1, 2)
+        count = mask.sum(1).clamp_min(1)
+        log_prob = self.policy.log_prob(out, query.actions.flatten(1, 2))
+        ratio = torch.exp(log_prob - old_log_prob)
+        surrogate = -(ratio * advantages.flatten(1, 2) * mask).sum(1) / count
+        kl = (self.policy.kl(old_out, out) * mask).sum(1) / count
+        return surrogate, kl, ratio
+
+    def objective(self, support, query: Trajectories, advantages, old_out, old_log_prob, create_graph: bool):
+        """(mean surrogate, mean KL) over tasks, as functions of the meta-parameters."""
+        fast = self.adapt_along(support, create_graph)
+        surrogate, kl, _ = self._query_terms(fast, query, advantages, old_out, old_log_prob)
+        return surrogate.mean(), kl.mean()
+
+    def meta_gradient(self, support, query, advantages, old_out, old_log_prob):
+        """The surrogate and its gradient w.r.t. every outer parameter (the policy's, and Meta-SGD's
+        rates), through the adaptation."""
+        loss, _ = self.objective(support, query, advantages, old_out, old_log_prob, not self.first_order)
+        return loss.detach(), torch.autograd.grad(loss, list(self.parameters()))
+
+    def _kl_graph(self, support, query, old_out):
+        """The policy's outputs on (a share of) the query steps as a function of the outer
+        parameters, with the same old outputs and the weight of each step in the mean KL."""
+        share = max(1, math.ceil(self.hvp_fraction * query.mask.shape[1]))
+        part = query.subset(share)
+        if share < query.mask.shape[1]:  # the curvature of a smaller problem: adapted on a share too
+            support = [(o[:, :share * (o.shape[1] // query.mask.shape[1])],
+                        y[:, :share * (y.shape[1] // query.mask.shape[1])]) for o, y in support]
+        fast = self.adapt_along(support, create_graph=True)
+        out = policy_outputs(self.policy, fast, part.observations.flatten(1, 2), per_task=True)
+        old = out.detach() if share < query.mask.shape[1] else old_out.reshape(*query.mask.shape, -1)[:, :share].flatten(1, 2)
+        mask = part.mask.flatten(1, 2)
+        weights = mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
+        return out, old, weights
+
+    def kl_hvp_exact(self, support, query, old_out):
+        """``v -> (H + damping I) v`` with H the Hessian of the mean KL, by differentiating the
+        KL's gradient again (a reference for ``kl_hvp``: it takes third derivatives of the inner
+        loss, several times slower)."""
+        out, old, weights = self._kl_graph(support, query, old_out)
+        kl = (self.policy.kl(old, out) * weights).sum()
+        params = list(self.parameters())
+        grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
+
+        def product(vector):
+            hv = torch.autograd.grad(grads @ vector, params, retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv]) + self.cg_damping * vector
+        return product
+
+    def kl_hvp(self, support, query, old_out):
+        """A function ``v -> (H + damping I) v`` with H the Hessian of the mean KL w.r.t. the
+        outer parameters (flat vectors), through the adaptation.
+
+        At the current parameters the KL is at its minimum (the new policy is the old one), so its
+        Hessian is exactly ``J^T M J``: ``J`` the Jacobian of the policy's outputs on the query steps
+        w.r.t. the outer parameters (through the adaptation) and ``M`` the KL's Hessian w.r.t. those
+        outputs, which is closed-form (``policy.kl_hessian_product``). A product is then one
+        Jacobian-vector product (a backward pass of ``J^T u``, linear in ``u``, differentiated w.r.t.
+        ``u``) and one vector-Jacobian product, with no third derivatives of the inner loss; the
+        graphs are built once per iteration."""
+        out, old, weights = self._kl_graph(support, query, old_out)
+        params = list(self.parameters())
+        probe = torch.zeros_like(out, requires_grad=True)
+        transposed = torch.autograd.grad(out, params, grad_outputs=probe, create_graph=True)
+
+        def product(vector):
+            pieces = [vector[o:o + p.numel()].view_as(p) for o, p in zip(_offsets(params), params)]
+            jv = torch.autograd.grad(transposed, probe, grad_outputs=pieces, retain_graph=True)[0]
+            metric_jv = self.policy.kl_hessian_product(old, jv) * weights[..., None]
+            hv = torch.autograd.grad(out, params, grad_outputs=metric_jv, retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv]) + self.cg_damping * vector
+        return product
+
+    # ------------------------------------------------------------------ one meta-iteration
+    def prepare(self, tasks: torch.Tensor):
+        """Everything an outer step needs for ``tasks``: support data, query trajectories sampled
+        with the adapted policies, their advantages and the adapted policies' outputs."""
+        support, fast, sampled = self.collect(tasks, self.inner_steps)
+        query = sampled[-1]
+        advantages = self.advantages(query)
+        with torch.no_grad():
+            old_out = policy_outputs(self.policy, fast, query.observations.flatten(1, 2), per_task=True)
+            old_log_prob = self.policy.log_prob(old_out, query.actions.flatten(1, 2))
+        returns = torch.stack([t.task_returns() for t in sampled], dim=1)
+        return support, query, advantages, old_out, old_log_prob, returns
+
+    def train_step(self, batch, optimizer, *, per_step: bool = False, clip_grad=None, before_update=None):
+        tasks = batch.tasks if hasattr(batch, "tasks") else batch
+        support, query, advantages, old_out, old_log_prob, returns = self.prepare(tasks)
+        if self.outer == "ppo":
+            return self._ppo(support, query, advantages, old_out, old_log_prob, returns, optimizer, clip_grad,
+                             before_update)
+        return self._trpo(support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update)
+
+    def _trpo(self, support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update):
+        params = list(self.parameters())
+        loss, grads = self.meta_gradient(support, query, advantages, old_out, old_log_prob)
+        g = torch.cat([x.reshape(-1) for x in grads]).detach()
+        out = RLOutput(loss=loss, returns=returns)
+        if before_update is not None:
+            before_update(out)
+        product = self.kl_hvp(support, query, old_out)
+        direction = conjugate_gradient(product, g, self.cg_iters)
+        curvature = 0.5 * torch.dot(direction, product(direction))
+        del product
+        if not (curvature > 0 and torch.isfinite(curvature)):
+            out.kl, out.accepted = 0.0, False
+            return out
+        full_step = direction * torch.sqrt(self.max_kl / curvature)
+        start = torch.nn.utils.parameters_to_vector(params).detach()
+        accepted, kl_value = False, 0.0
+        with torch.no_grad():
+            for k in range(self.ls_steps):
+                torch.nn.utils.vector_to_parameters(start - self.ls_ratio ** k * full_step, params)
+                new_loss, new_kl = self.objective(support, query, advantages, old_out, old_log_prob, False)
+                if new_loss < loss and new_kl <= self.max_kl and torch.isfinite(new_loss):
+                    accepted, kl_value = True, float(new_kl)
+                    break
+            end = torch.nn.utils.parameters_to_vector(params).detach() if accepted else start
+            torch.nn.utils.vector_to_parameters(start, params)
+        # the accepted step goes through the optimiser (SGD at rate 1), so its state is a run's like any
+        optimizer.zero_grad(set_to_none=True)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = (start - end)[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        optimizer.step()
+        out.kl, out.accepted = kl_value, accepted
+        return out
+
+    def _ppo(self, support, query, advantages, old_out, old_log_prob, returns, optimizer, clip_grad, before_update):
+        first = None
+        for epoch in range(self.ppo_epochs):
+            optimizer.zero_grad(set_to_none=True)
+            fast = self.adapt_along(support, not self.first_order)
+            _, kl, ratio = self._query_terms(fast, query, advantages, old_out, old_log_prob)
+            adv, mask = advantages.flatten(1, 2), query.mask.flatten(1, 2)
+            clipped = torch.minimum(ratio * adv, ratio.clamp(1 - self.ppo_clip, 1 + self.ppo_clip) * adv)
+            loss = (-(clipped * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+            loss.backward()
+            out = RLOutput(loss=loss.detach(), returns=returns, kl=float(kl.mean()), accepted=True)
+            if first is None:
+                first = out
+                if before_update is not None:
+                    before_update(out)
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
+            optimizer.step()
+        first.kl = out.kl
+        return first
+
+    # ------------------------------------------------------------------ evaluation
+    def fine_tune(self, batch, inner_steps: Optional[int] = None) -> RLOutput:
+        """Mean return of every task before adapting and after each of ``inner_steps`` steps
+        (default: the training steps), each measured on trajectories sampled with the policy as
+        adapted so far; touches no meta-parameter."""
+        tasks = batch.tasks if hasattr(batch, "tasks") else batch
+        steps = self.inner_steps if inner_steps is None else inner_steps
+        with torch.no_grad():
+            _, _, sampled = self.collect(tasks, steps, test=True)
+        returns = torch.stack([t.task_returns() for t in sampled], dim=1)
+        return RLOutput(loss=-returns[:, -1].mean(), returns=returns)
+
+
+def _offsets(params) -> list:
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += p.numel()
+    return offsets
+
+
+def conjugate_gradient(product, b: torch.Tensor, iterations: int, tolerance: float = 1e-10) -> torch.Tensor:
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` given as ``product(v) = A v``."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = torch.dot(r, r)
+    for _ in range(iterations):
+        ap = product(p)
+        alpha = rr / torch.dot(p, ap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        new_rr = torch.dot(r, r)
+        if new_rr < tolerance:
+            break
+        p = r + (new_rr / rr) * p
+        rr = new_rr
+    return x

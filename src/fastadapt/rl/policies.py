@@ -1,0 +1,133 @@
+"""Policies as plain modules whose output is a distribution's parameters, with the few
+distribution functions meta-RL needs written as pure functions of those outputs.
+
+A policy's ``forward(observations)`` returns one tensor, so that it runs through
+``torch.func.functional_call`` with per-task (adapted) weights like any network here, and the
+MAML family's inner loops treat it as a model with a loss: ``GaussianMLPPolicy`` returns the
+action mean and the (state-independent, learned) log standard deviation side by side,
+``CategoricalMLPPolicy`` the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _body(inputs: int, hidden: Sequence[int], activation: str) -> nn.Sequential:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
+    layers, width = [], inputs
+    for size in hidden:
+        layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+        width = size
+    return nn.Sequential(*layers)
+
+
+class GaussianMLPPolicy(nn.Module):
+    """A diagonal Gaussian over continuous actions: an MLP gives the mean, and one learned
+    log standard deviation per action dimension (independent of the state) the spread, as in the
+    MAML paper (two hidden layers of 100 ReLU units there; 64x64 tanh in its 2D navigation
+    reproduction). ``forward`` returns ``[..., 2 * action_dim]``: mean, then log std."""
+
+    discrete = False
+
+    def __init__(self, observation_dim: int, action_dim: int, hidden: Sequence[int] = (100, 100),
+                 activation: str = "relu", init_std: float = 1.0):
+        super().__init__()
+        if not init_std > 0:
+            raise ValueError(f"init_std must be positive, got {init_std!r}")
+        self.observation_dim, self.action_dim = int(observation_dim), int(action_dim)
+        self.body = _body(self.observation_dim, hidden, activation)
+        self.mean = nn.Linear(hidden[-1] if hidden else self.observation_dim, self.action_dim)
+        self.log_std = nn.Parameter(torch.full((self.action_dim,), math.log(init_std)))
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        mean = self.mean(self.body(observations))
+        return torch.cat([mean, self.log_std.expand_as(mean)], dim=-1)
+
+    def split(self, out: torch.Tensor):
+        return out[..., : self.action_dim], out[..., self.action_dim:]
+
+    def sample(self, out: torch.Tensor, generator=None) -> torch.Tensor:
+        mean, log_std = self.split(out)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + log_std.exp() * noise
+
+    def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Log-density of ``actions`` ``[..., A]``, summed over action dimensions: ``[...]``."""
+        mean, log_std = self.split(out)
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def kl(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """KL(old || new) per state, summed over action dimensions."""
+        mean_old, log_std_old = self.split(old)
+        mean_new, log_std_new = self.split(new)
+        var_ratio = torch.exp(2 * (log_std_old - log_std_new))
+        gap = (mean_old - mean_new) * torch.exp(-log_std_new)
+        return (0.5 * (var_ratio + gap * gap - 1) - (log_std_old - log_std_new)).sum(-1)
+
+    def kl_hessian_product(self, old: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``M u`` per state, with M the Hessian of ``kl(old, new)`` w.r.t. the output ``new`` at
+        ``new = old``. It is diagonal: ``1 / std^2`` for each mean, 2 for each log std."""
+        _, log_std = self.split(old)
+        return torch.cat([torch.exp(-2 * log_std), torch.full_like(log_std, 2.0)], dim=-1) * u
+
+
+class CategoricalMLPPolicy(nn.Module):
+    """A categorical distribution over ``num_actions`` discrete actions: an MLP gives the logits.
+    Actions are passed around as one float column (the action's index)."""
+
+    discrete = True
+
+    def __init__(self, observation_dim: int, num_actions: int, hidden: Sequence[int] = (100, 100),
+                 activation: str = "relu"):
+        super().__init__()
+        self.observation_dim, self.num_actions, self.action_dim = int(observation_dim), int(num_actions), 1
+        self.body = _body(self.observation_dim, hidden, activation)
+        self.logits = nn.Linear(hidden[-1] if hidden else self.observation_dim, self.num_actions)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.body(observations))
+
+    def sample(self, out: torch.Tensor, generator=None) -> torch.Tensor:
+        probabilities = out.softmax(-1).reshape(-1, out.shape[-1])
+        picks = torch.multinomial(probabilities, 1, generator=generator)
+        return picks.reshape(*out.shape[:-1], 1).to(out.dtype)
+
+    def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return out.log_softmax(-1).gather(-1, actions.long()).squeeze(-1)
+
+    def kl(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        old_log, new_log = old.log_softmax(-1), new.log_softmax(-1)
+        return (old_log.exp() * (old_log - new_log)).sum(-1)
+
+    def kl_hessian_product(self, old: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``M u`` per state, M = diag(p) - p p^T the Hessian of ``kl(old, new)`` w.r.t. the logits."""
+        p = old.softmax(-1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+
+
+class PolicyGradientLoss:
+    """The inner loop's loss for a policy: ``loss(policy_output, target)`` with ``target``
+    ``[M, action_dim + 2]`` packing each step's action, advantage and weight (1 for a step of a
+    trajectory, 0 for padding after it ended). It is minus the weighted mean of
+    ``log pi(a | s) * advantage`` (REINFORCE with a baseline), a loss of the model's output and a
+    target like any other, so every inner-loop rule of the MAML family applies to it."""
+
+    __name__ = "policy_gradient"
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        a = self.policy.action_dim
+        actions, advantages, weights = target[..., :a], target[..., a], target[..., a + 1]
+        log_probs = self.policy.log_prob(out, actions)
+        return -(log_probs * advantages * weights).sum() / weights.sum().clamp_min(1.0)

@@ -1,0 +1,64 @@
+"""Trajectories of a batch of tasks, each acting with its own (adapted) policy weights.
+
+``sample`` steps every copy of every task together: one policy forward per time step for the
+whole ``[T, N]`` batch, through ``torch.func.vmap`` when each task has its own weights (a leading
+task axis, as ``MetaLearner.adapt`` returns them), then one environment step. A trajectory that
+ends is masked from then on; sampling stops when every trajectory has ended or at ``horizon``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, vmap
+
+
+@dataclass
+class Trajectories:
+    """``observations`` ``[T, N, H, obs]``, ``actions`` ``[T, N, H, act]``, ``rewards`` and ``mask``
+    ``[T, N, H]`` (1 on a trajectory's steps, 0 after it ended)."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    mask: torch.Tensor
+
+    def task_returns(self) -> torch.Tensor:
+        """Each task's mean undiscounted return over its trajectories: ``[T]``."""
+        return (self.rewards * self.mask).sum(-1).mean(-1)
+
+    def subset(self, trajectories: int) -> "Trajectories":
+        """The first ``trajectories`` of each task's."""
+        return Trajectories(*(t[:, :trajectories] for t in (self.observations, self.actions, self.rewards,
+                                                             self.mask)))
+
+
+def policy_outputs(policy, params: dict, observations: torch.Tensor, per_task: bool) -> torch.Tensor:
+    """The policy's outputs on ``observations`` ``[T, ...]`` with ``params``: one set of weights for
+    every task, or (``per_task``) each task's own along a leading task axis."""
+    if not per_task:
+        return functional_call(policy, params, (observations,))
+    return vmap(lambda p, o: functional_call(policy, p, (o,)), randomness="different")(params, observations)
+
+
+@torch.no_grad()
+def sample(env, policy, params: dict, horizon: int, generator: torch.Generator, per_task: bool) -> Trajectories:
+    """``horizon`` steps (or until every trajectory ended) of ``env`` acting with ``policy``."""
+    dtype = next(iter(params.values())).dtype
+    obs = env.reset().to(dtype)
+    alive = torch.ones(obs.shape[:2], dtype=dtype)
+    observations, actions, rewards, masks = [], [], [], []
+    for _ in range(horizon):
+        action = policy.sample(policy_outputs(policy, params, obs, per_task), generator)
+        next_obs, reward, done = env.step(action)
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(reward.to(dtype) * alive)
+        masks.append(alive)
+        alive = alive * (~done).to(dtype)
+        if not alive.any():
+            break
+        obs = next_obs.to(dtype)
+    return Trajectories(torch.stack(observations, 2), torch.stack(actions, 2), torch.stack(rewards, 2),
+                        torch.stack(masks, 2))

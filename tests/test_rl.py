@@ -1,0 +1,266 @@
+"""Meta-RL: environments, policies, returns and the baseline, and MAML-TRPO's gradients against
+independent references in float64."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from fastadapt.rl import (CategoricalMLPPolicy, GaussianMLPPolicy, MAMLTRPO, PolicyGradientLoss, Trajectories,
+                          conjugate_gradient, families, family, returns as R)
+
+
+def test_navigation_dynamics_rewards_termination_and_seeded_goals():
+    nav = family("navigation-2d")
+    goals = nav.sample_tasks(1000, torch.Generator().manual_seed(0))
+    assert goals.shape == (1000, 2) and goals.abs().max() <= 0.5 and goals.abs().max() > 0.45
+    torch.testing.assert_close(goals, nav.sample_tasks(1000, torch.Generator().manual_seed(0)))
+    env = nav.make_env(torch.tensor([[0.3, -0.2], [0.05, 0.0]]), trajectories=3)
+    assert torch.equal(env.reset(), torch.zeros(2, 3, 2))
+    obs, reward, done = env.step(torch.tensor([[[1.0, -1.0], [0.02, 0.0], [-5.0, 0.5]]] * 2))
+    torch.testing.assert_close(obs[0], torch.tensor([[0.1, -0.1], [0.02, 0.0], [-0.1, 0.1]]))  # clipped to 0.1
+    torch.testing.assert_close(reward[0, 0], -torch.tensor([0.2, 0.1]).norm())
+    assert not done.any()
+    obs, reward, done = env.step(torch.tensor([[[0.0, 0.0], [0.03, 0.0], [0.0, 0.0]]] * 2))
+    assert done[1, 1] and not done[0].any() and done.sum() == 1   # both coordinates within 0.01 of the goal
+    with pytest.raises(ValueError, match="unknown environment 'nope'; the environments are .*navigation-2d"):
+        family("nope")
+    assert {"navigation-2d", "halfcheetah-dir", "halfcheetah-vel"} <= set(families())
+
+
+def test_policy_log_probabilities_and_kl_match_torch_distributions():
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(3, 2, hidden=(8,), init_std=0.7).double()
+    obs = torch.randn(5, 3, dtype=torch.float64)
+    out = policy(obs)
+    mean, log_std = policy.split(out)
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    actions = policy.sample(out, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(policy.log_prob(out, actions), normal.log_prob(actions).sum(-1))
+    other = out + 0.1 * torch.randn_like(out)
+    expected = torch.distributions.kl_divergence(normal, torch.distributions.Normal(*policy.split(other)[:1],
+                                                                                      policy.split(other)[1].exp()))
+    torch.testing.assert_close(policy.kl(out, other), expected.sum(-1))
+    discrete = CategoricalMLPPolicy(3, 4, hidden=(8,)).double()
+    logits = discrete(obs)
+    picks = discrete.sample(logits, torch.Generator().manual_seed(2))
+    categorical = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(discrete.log_prob(logits, picks), categorical.log_prob(picks[:, 0].long()))
+    other = logits + torch.randn_like(logits)
+    torch.testing.assert_close(discrete.kl(logits, other), torch.distributions.kl_divergence(
+        categorical, torch.distributions.Categorical(logits=other)))
+    # the KL's Hessian w.r.t. the new output at the old one, closed form against autograd
+    for p, o in ((policy, out[0].detach()), (discrete, logits[0].detach())):
+        u = torch.randn_like(o)
+        hessian = torch.autograd.functional.hessian(lambda new: p.kl(o, new), o.clone())
+        torch.testing.assert_close(p.kl_hessian_product(o, u), hessian @ u)
+
+
+def test_returns_gae_and_the_linear_baseline_against_references():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    mask = torch.ones_like(rewards)
+    mask[0, 1, 4:] = 0
+    rewards = rewards * mask
+    out = R.discounted_returns(rewards, mask, 0.9)
+    assert out[0, 1, 4:].abs().sum() == 0
+    torch.testing.assert_close(out[1, 2, 2], sum(0.9 ** k * rewards[1, 2, 2 + k] for k in range(4)))
+    values = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * mask
+    advantages = R.gae(rewards, values, mask, 0.9, 1.0)
+    torch.testing.assert_close(advantages, (out - values) * mask)   # lambda = 1: returns minus the baseline
+    lam = R.gae(rewards, values, mask, 0.9, 0.5)
+    delta = lambda t: rewards[1, 0, t] + 0.9 * (values[1, 0, t + 1] if t < 5 else 0) - values[1, 0, t]
+    torch.testing.assert_close(lam[1, 0, 3], delta(3) + 0.45 * delta(4) + 0.45 ** 2 * delta(5))
+    obs = torch.randn(2, 3, 6, 2, generator=g, dtype=torch.float64)
+    fitted = R.fit_linear_baseline(obs, out, mask, regularisation=1e-5)
+    for task in range(2):  # ridge regression on the task's valid steps, by numpy
+        x = R.baseline_features(obs, mask)[task].reshape(-1, 8).numpy()
+        rows = mask[task].reshape(-1).numpy() > 0
+        x, y = x[rows], out[task].reshape(-1).numpy()[rows]
+        w = np.linalg.solve(x.T @ x + 1e-5 * np.eye(8), x.T @ y)
+        np.testing.assert_allclose(fitted[task].reshape(-1).numpy()[rows], x @ w, atol=1e-8)
+        assert not fitted[task].reshape(-1).numpy()[~rows].any()
+    normalised = R.normalise(advantages, mask)
+    for task in range(2):
+        valid = normalised[task][mask[task] > 0]
+        assert abs(float(valid.mean())) < 1e-9 and abs(float(valid.std(unbiased=False)) - 1) < 1e-6
+
+
+def _fixed_setting(steps, first_order, tasks=3):
+    """A float64 MAML-TRPO on navigation with fixed recorded trajectories."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, hidden=(6, 6), activation="tanh", init_std=0.5).double()
+    learner = MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.3, inner_steps=steps, first_order=first_order,
+                       trajectories=4, horizon=7, seed=3)
+    goals = family("navigation-2d").sample_tasks(tasks, torch.Generator().manual_seed(1))
+    support, query, advantages, old_out, old_log_prob, _ = learner.prepare(goals)
+    return learner, policy, support, query, advantages, old_out, old_log_prob
+
+
+def _loop_surrogate(policy, support, query, advantages, old_log_prob, lr, first_order):
+    """An independent per-task loop: autograd.grad inner steps, then the importance-weighted surrogate."""
+    params = dict(policy.named_parameters())
+    loss_fn = PolicyGradientLoss(policy)
+    total = 0
+    for t in range(query.mask.shape[0]):
+        fast = dict(params)
+        for obs, target in support:
+            inner = loss_fn(functional_call(policy, fast, (obs[t],)), target[t])
+            grads = torch.autograd.grad(inner, list(fast.values()), create_graph=not first_order)
+            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
+        out = functional_call(policy, fast, (query.observations[t].flatten(0, 1),))
+        mask = query.mask[t].flatten()
+        ratio = torch.exp(policy.log_prob(out, query.actions[t].flatten(0, 1)) - old_log_prob[t])
+        total = total - (ratio * advantages[t].flatten() * mask).sum() / mask.sum()
+    return total / query.mask.shape[0]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_equals_a_per_task_loop_in_float64(steps, first_order):
+    learner, policy, support, query, advantages, old_out, old_log_prob = _fixed_setting(steps, first_order)
+    assert len(support) == steps
+    loss, grads = learner.meta_gradient(support, query, advantages, old_out, old_log_prob)
+    reference = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, first_order)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-10, atol=1e-12)
+    for ours, theirs in zip(grads, torch.autograd.grad(reference, list(policy.parameters()))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+    if not first_order:  # and the first-order gradient is a different one
+        first = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, True)
+        assert any(not torch.allclose(a, b) for a, b in zip(grads, torch.autograd.grad(first, list(policy.parameters()))))
+
+
+def test_hessian_vector_product_equals_finite_differences_and_the_exact_one():
+    learner, policy, support, query, advantages, old_out, old_log_prob = _fixed_setting(2, False)
+    learner.cg_damping = 0.0
+    params = list(policy.parameters())
+    theta = torch.nn.utils.parameters_to_vector(params).detach()
+    v = torch.randn(theta.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    product = learner.kl_hvp(support, query, old_out)(v)
+    torch.testing.assert_close(product, learner.kl_hvp_exact(support, query, old_out)(v), rtol=1e-8, atol=1e-12)
+
+    def kl_grad(vector):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(vector, params)
+        _, kl = learner.objective(support, query, advantages, old_out, old_log_prob, True)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params)])
+
+    eps = 1e-5
+    finite = (kl_grad(theta + eps * v) - kl_grad(theta - eps * v)) / (2 * eps)
+    torch.nn.utils.vector_to_parameters(theta, params)
+    torch.testing.assert_close(product, finite, rtol=1e-5, atol=1e-8)
+    # conjugate gradient solves the damped system it is given
+    learner.cg_damping = 0.1
+    hvp = learner.kl_hvp(support, query, old_out)
+    x = conjugate_gradient(hvp, v, iterations=200)
+    torch.testing.assert_close(hvp(x), v, rtol=1e-5, atol=1e-6)
+
+
+def test_an_accepted_trpo_step_keeps_the_kl_bound_and_improves_the_surrogate():
+    learner, policy, support, query, advantages, old_out, old_log_prob = _fixed_setting(1, False)
+    learner.max_kl = 1e-3
+    with torch.no_grad():
+        before, _ = learner.objective(support, query, advantages, old_out, old_log_prob, False)
+    optimizer = learner.make_optimizer(1e-3)
+    out = learner._trpo(support, query, advantages, old_out, old_log_prob, torch.zeros(3, 2), optimizer, None)
+    with torch.no_grad():
+        after, kl = learner.objective(support, query, advantages, old_out, old_log_prob, False)
+    assert out.accepted and float(kl) <= 1e-3 and float(after) < float(before)
+    assert abs(out.kl - float(kl)) < 1e-9
+
+
+def test_training_improves_navigation_and_evaluation_is_seeded():
+    torch.manual_seed(0)
+    nav = family("navigation-2d")
+    policy = GaussianMLPPolicy(2, 2, hidden=(16, 16), activation="tanh")
+    learner = MAMLTRPO(policy, nav, trajectories=8, horizon=40, hvp_fraction=0.5)
+    test = nav.sample_tasks(8, torch.Generator().manual_seed(9))
+    before = learner.fine_tune(test, 2).returns
+    torch.testing.assert_close(before, learner.fine_tune(test, 2).returns)   # the same trajectories every time
+    assert before.shape == (8, 3)
+    optimizer, stream = learner.make_optimizer(1e-3), torch.Generator().manual_seed(0)
+    for step in range(8):
+        learner.on_step(step)
+        out = learner.train_step(nav.sample_tasks(10, stream), optimizer)
+        assert out.returns.shape == (10, 2) and out.accepted is not None
+    after = learner.fine_tune(test, 2).returns
+    assert after[:, 1].mean() > before[:, 1].mean() + 1.0, (before.mean(0), after.mean(0))
+
+
+def test_ppo_outer_step_and_metasgd_rates_train():
+    torch.manual_seed(0)
+    nav = family("navigation-2d")
+    learner = MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(8,)), nav, rule="metasgd", outer="ppo", trajectories=4,
+                       horizon=10, ppo_epochs=2)
+    rates = [p.detach().clone() for p in learner.learner.inner_lrs.values()]
+    optimizer = learner.make_optimizer(1e-2)
+    out = learner.train_step(nav.sample_tasks(3, torch.Generator().manual_seed(0)), optimizer)
+    assert math.isfinite(float(out.loss)) and out.kl is not None
+    assert any(not torch.equal(a, b) for a, b in zip(rates, learner.learner.inner_lrs.values()))
+
+
+def test_bad_input_is_one_clear_error():
+    nav = family("navigation-2d")
+    with pytest.raises(ValueError, match="actions are continuous, which CategoricalMLPPolicy cannot serve"):
+        MAMLTRPO(CategoricalMLPPolicy(2, 3), nav)
+    with pytest.raises(ValueError, match="hvp_fraction must be in"):
+        MAMLTRPO(GaussianMLPPolicy(2, 2), nav, hvp_fraction=0)
+    with pytest.raises(ValueError, match="outer must be 'trpo' or 'ppo'"):
+        MAMLTRPO(GaussianMLPPolicy(2, 2), nav, outer="sgd")
+
+
+def test_halfcheetah_families_reward_by_task_and_a_meta_iteration_runs():
+    try:
+        import gymnasium as gym
+    except ImportError:
+        if os.environ.get("CI") == "true":  # CI installs fastadapt[rl]: there, a missing gymnasium is a failure
+            raise
+        pytest.skip("pip install 'fastadapt[rl]' for the MuJoCo tests")
+    for name in ("halfcheetah-dir", "halfcheetah-vel"):
+        cheetah = family(name)
+        assert (cheetah.observation_dim, cheetah.action_dim, cheetah.horizon) == (17, 6, 200)
+        tasks = cheetah.sample_tasks(2, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(tasks, cheetah.sample_tasks(2, torch.Generator().manual_seed(0)))
+        env = cheetah.make_env(tasks, trajectories=2, seed=4)
+        first = env.reset()
+        assert first.shape == (2, 2, 17)
+        torch.testing.assert_close(first, cheetah.make_env(tasks, 2, seed=4).reset())
+        actions = torch.full((2, 2, 6), 3.0)   # clipped to the action space's bound, 1
+        obs, reward, done = env.step(actions)
+        plain = gym.make("HalfCheetah-v5")
+        plain.reset(seed=4)
+        _, _, _, _, info = plain.step(np.ones(6))
+        task = float(tasks[0, 0])
+        expected = (task * info["x_velocity"] if name == "halfcheetah-dir" else -abs(info["x_velocity"] - task))
+        assert reward[0, 0].item() == pytest.approx(expected + info["reward_ctrl"], abs=1e-4)
+        assert info["reward_ctrl"] == pytest.approx(-0.1 * 6)
+        env.close()
+    learner = MAMLTRPO(GaussianMLPPolicy(17, 6, hidden=(8,)), family("halfcheetah-vel"), trajectories=2, horizon=5)
+    out = learner.train_step(family("halfcheetah-vel").sample_tasks(2, torch.Generator().manual_seed(0)),
+                             learner.make_optimizer(1e-3))
+    assert out.returns.shape == (2, 2) and torch.isfinite(out.returns).all()
+
+
+def test_gymnasium_missing_is_one_line_naming_the_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    with pytest.raises(RuntimeError, match=r"needs gymnasium: pip install 'fastadapt\[rl\]'"):
+        family("halfcheetah-dir")
+
+
+def test_nothing_below_rl_imports_it():
+    import ast
+    from pathlib import Path
+    import fastadapt
+    source = Path(fastadapt.__file__).parent
+    for path in source.rglob("*.py"):
+        relative = path.relative_to(source).parts
+        if relative[0] in ("rl", "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith(("fastadapt.rl", ".rl", "..rl"))], path
