@@ -76,7 +76,8 @@ class MAMLTRPO(nn.Module):
     ``inner_lr``/``inner_steps``: the adaptation (the paper: one step at 0.1); ``rule``: ``"maml"``
     or ``"metasgd"``; ``trajectories`` per task and ``horizon`` per trajectory, for the support and
     the query sets alike; ``gamma``/``gae_lambda``: returns and GAE with the linear feature baseline
-    refitted per task, advantages normalised per task; TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
+    refitted per task, advantages normalised per task; ``task_chunk``: tasks per chunk of the outer
+    step (None: all at once; results do not depend on it); TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
     ``ls_steps``, ``ls_ratio``; PPO: ``ppo_clip``, ``ppo_epochs`` with the optimiser
     ``make_optimizer`` gives (Adam at ``meta_lr``). At test time the steps after the first take half
     the rate (the paper's app. A.2: halving it after the first step did better).
@@ -86,7 +87,8 @@ class MAMLTRPO(nn.Module):
                  first_order: bool = False, rule: str = "maml", trajectories: int = 20, horizon: Optional[int] = None,
                  gamma: float = 0.99, gae_lambda: float = 1.0, outer: str = "trpo", max_kl: float = 0.01,
                  cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15, ls_ratio: float = 0.8,
-                 hvp_fraction: float = 1.0, ppo_clip: float = 0.2, ppo_epochs: int = 5, seed: int = 0):
+                 hvp_fraction: float = 1.0, ppo_clip: float = 0.2, ppo_epochs: int = 5, seed: int = 0,
+                 task_chunk: Optional[int] = 2):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -110,6 +112,7 @@ class MAMLTRPO(nn.Module):
         self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), int(cg_iters), float(cg_damping)
         self.ls_steps, self.ls_ratio, self.hvp_fraction = int(ls_steps), float(ls_ratio), float(hvp_fraction)
         self.ppo_clip, self.ppo_epochs, self.seed = float(ppo_clip), int(ppo_epochs), int(seed)
+        self.task_chunk = task_chunk
         self.iteration = 0
 
     # ------------------------------------------------------------------ the Trainer's interface
@@ -205,17 +208,37 @@ class MAMLTRPO(nn.Module):
         kl = (self.policy.kl(old_out, out) * mask).sum(1) / count
         return surrogate, kl, ratio
 
+    def _parts(self, support, query: Trajectories, *per_task):
+        """The iteration's data in chunks of ``task_chunk`` tasks, each with its share of the tasks:
+        the outer step runs chunk by chunk so that a chunk's working set stays in cache (one task
+        of 20 x 100 steps is 2,000 rows), as the supervised engine does."""
+        total = query.mask.shape[0]
+        size = self.task_chunk or total
+        for start in range(0, total, size):
+            part = slice(start, start + size)
+            share = len(range(total)[part]) / total
+            yield (share, [(o[part], y[part]) for o, y in support], query.tasks(part), *(x[part] for x in per_task))
+
     def objective(self, support, query: Trajectories, advantages, old_out, old_log_prob, create_graph: bool):
-        """(mean surrogate, mean KL) over tasks, as functions of the meta-parameters."""
-        fast = self.adapt_along(support, create_graph)
-        surrogate, kl, _ = self._query_terms(fast, query, advantages, old_out, old_log_prob)
-        return surrogate.mean(), kl.mean()
+        """(mean surrogate, mean KL) over tasks, as functions of the outer parameters."""
+        surrogate, kl = 0, 0
+        for share, s, q, a, o, lp in self._parts(support, query, advantages, old_out, old_log_prob):
+            fast = self.adapt_along(s, create_graph)
+            part_surrogate, part_kl, _ = self._query_terms(fast, q, a, o, lp)
+            surrogate, kl = surrogate + share * part_surrogate.mean(), kl + share * part_kl.mean()
+        return surrogate, kl
 
     def meta_gradient(self, support, query, advantages, old_out, old_log_prob):
         """The surrogate and its gradient w.r.t. every outer parameter (the policy's, and Meta-SGD's
-        rates), through the adaptation."""
-        loss, _ = self.objective(support, query, advantages, old_out, old_log_prob, not self.first_order)
-        return loss.detach(), torch.autograd.grad(loss, list(self.parameters()))
+        rates), through the adaptation; one chunk of tasks at a time."""
+        params, loss, grads = list(self.parameters()), 0.0, None
+        for share, s, q, a, o, lp in self._parts(support, query, advantages, old_out, old_log_prob):
+            fast = self.adapt_along(s, not self.first_order)
+            part = share * self._query_terms(fast, q, a, o, lp)[0].mean()
+            part_grads = torch.autograd.grad(part, params)
+            grads = part_grads if grads is None else tuple(g + p for g, p in zip(grads, part_grads))
+            loss = loss + part.detach()
+        return loss, grads
 
     def _kl_graph(self, support, query, old_out):
         """The policy's outputs on (a share of) the query steps as a function of the outer
@@ -256,18 +279,23 @@ class MAMLTRPO(nn.Module):
         outputs, which is closed-form (``policy.kl_hessian_product``). A product is then one
         Jacobian-vector product (a backward pass of ``J^T u``, linear in ``u``, differentiated w.r.t.
         ``u``) and one vector-Jacobian product, with no third derivatives of the inner loss; the
-        graphs are built once per iteration."""
-        out, old, weights = self._kl_graph(support, query, old_out)
-        params = list(self.parameters())
-        probe = torch.zeros_like(out, requires_grad=True)
-        transposed = torch.autograd.grad(out, params, grad_outputs=probe, create_graph=True)
+        graphs are built once per iteration, one per chunk of tasks."""
+        params, graphs = list(self.parameters()), []
+        for share, s, q, o in self._parts(support, query, old_out):
+            out, old, weights = self._kl_graph(s, q, o)
+            probe = torch.zeros_like(out, requires_grad=True)
+            transposed = torch.autograd.grad(out, params, grad_outputs=probe, create_graph=True)
+            graphs.append((out, old, weights * share, probe, transposed))
 
         def product(vector):
             pieces = [vector[o:o + p.numel()].view_as(p) for o, p in zip(_offsets(params), params)]
-            jv = torch.autograd.grad(transposed, probe, grad_outputs=pieces, retain_graph=True)[0]
-            metric_jv = self.policy.kl_hessian_product(old, jv) * weights[..., None]
-            hv = torch.autograd.grad(out, params, grad_outputs=metric_jv, retain_graph=True)
-            return torch.cat([h.reshape(-1) for h in hv]) + self.cg_damping * vector
+            total = self.cg_damping * vector
+            for out, old, weights, probe, transposed in graphs:
+                jv = torch.autograd.grad(transposed, probe, grad_outputs=pieces, retain_graph=True)[0]
+                metric_jv = self.policy.kl_hessian_product(old, jv) * weights[..., None]
+                hv = torch.autograd.grad(out, params, grad_outputs=metric_jv, retain_graph=True)
+                total = total + torch.cat([h.reshape(-1) for h in hv])
+            return total
         return product
 
     # ------------------------------------------------------------------ one meta-iteration

@@ -28,6 +28,10 @@ class Trajectories:
         """Each task's mean undiscounted return over its trajectories: ``[T]``."""
         return (self.rewards * self.mask).sum(-1).mean(-1)
 
+    def tasks(self, part: slice) -> "Trajectories":
+        """The trajectories of the tasks in ``part``."""
+        return Trajectories(*(t[part] for t in (self.observations, self.actions, self.rewards, self.mask)))
+
     def subset(self, trajectories: int) -> "Trajectories":
         """The first ``trajectories`` of each task's."""
         return Trajectories(*(t[:, :trajectories] for t in (self.observations, self.actions, self.rewards,
