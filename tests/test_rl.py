@@ -264,3 +264,118 @@ def test_nothing_below_rl_imports_it():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [f"{'.' * node.level}{node.module or ''}"] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.startswith(("fastadapt.rl", ".rl", "..rl"))], path
+
+
+# ---------------------------------------------------------------------------- runs from the command line
+RL_ARGS = ["--env", "navigation-2d", "--task-batch", "3", "--trajectories", "3", "--horizon", "12", "--hidden", "8",
+           "--steps", "4", "--eval-every", "2", "--log-every", "1", "--val-tasks", "3", "--test-tasks", "4",
+           "--quiet", "--threads", "1"]
+
+
+def _rl_records(run):
+    import json
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for timing in ("time", "tasks_per_s"):
+            record.pop(timing, None)
+        out.append(record)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_rl(tmp_path_factory):
+    from fastadapt.cli import main
+    run = tmp_path_factory.mktemp("rl") / "run"
+    assert main(["train", *RL_ARGS, "--out", str(run)]) == 0
+    return run
+
+
+def test_an_rl_run_trains_evaluates_and_plots_from_the_command_line(straight_rl, capsys):
+    import json
+    from fastadapt.cli import main
+    from fastadapt.checkpoint import load_checkpoint
+    run = straight_rl
+    report = json.loads((run / "test.json").read_text())
+    assert report["tasks"] == 4 and len(report["returns"]) == 4 and len(report["returns_ci"]) == 4
+    records = _rl_records(run)
+    trained = [r for r in records if "returns" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4] and all(len(r["returns"]) == 2 and "kl" in r for r in trained)
+    assert load_checkpoint(run / "last.pt")["config"]["rl"]["env"] == "navigation-2d"
+    capsys.readouterr()
+    assert main(["eval", str(run), "--episodes", "5", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "5 test tasks" in out and "(before adapting)" in out and "return" in out
+    assert main(["eval", str(run), "--episodes", "5", "--quiet"]) == 0
+    assert capsys.readouterr().out == out   # fixed, seeded test tasks and trajectories
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run)]) == 0
+    assert {"learning_curves.png", "inner_steps.png", "trajectories.png"} <= {p.name for p in run.iterdir()}
+
+
+def test_an_rl_run_stopped_by_a_signal_resumes_to_the_same_result(straight_rl, tmp_path, monkeypatch, capsys):
+    import json
+    import os
+    import signal
+    from fastadapt.cli import main
+    from fastadapt.checkpoint import load_checkpoint
+    from fastadapt.rl import experiment as rl_experiment
+
+    real = rl_experiment.TaskStream.__iter__
+
+    def signalling(stream):
+        for index, batch in enumerate(real(stream)):
+            if index == 2 and not signalling.fired:
+                signalling.fired = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    signalling.fired = False
+    monkeypatch.setattr(rl_experiment.TaskStream, "__iter__", signalling)
+    run = tmp_path / "run"
+    assert main(["train", *RL_ARGS, "--out", str(run)]) == 128 + signal.SIGTERM
+    assert "stopped (SIGTERM)" in capsys.readouterr().err and not (run / "test.json").exists()
+    assert load_checkpoint(run / "last.pt")["step"] == 3   # the iteration under way when the signal came is finished
+    assert main(["train", "--resume", str(run)]) == 0
+    a, b = load_checkpoint(straight_rl / "last.pt")["model"], load_checkpoint(run / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rl_records(run) == _rl_records(straight_rl)
+    assert json.loads((run / "test.json").read_text())["returns"] == \
+        json.loads((straight_rl / "test.json").read_text())["returns"]
+
+
+def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    import sys
+    from fastadapt.cli import main
+    cases = [(["--env", "nope"], "invalid choice: 'nope' (choose from 'halfcheetah-dir', 'halfcheetah-vel', "
+                                 "'navigation-2d')"),
+             ([*RL_ARGS, "--algo", "protonet"], "--algo is 'protonet'; a meta-RL run's inner loop is one of maml, "
+                                                 "metasgd"),
+             ([*RL_ARGS, "--hvp-fraction", "1.5"], "--hvp-fraction must be in (0, 1], got 1.5"),
+             ([*RL_ARGS, "--max-kl", "0"], "--max-kl must be a positive finite number, got 0.0")]
+    for args, message in cases:
+        assert main(["train", *args, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and len([line for line in err if "warning" not in line]) == 1, err
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    assert main(["train", "--env", "halfcheetah-vel", "--steps", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "needs gymnasium: pip install 'fastadapt[rl]'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_diverging_rl_run_stops_with_exit_1_and_advice(tmp_path, capsys, monkeypatch):
+    from fastadapt.cli import main
+    from fastadapt.rl import MAMLTRPO
+    real = MAMLTRPO.train_step
+
+    def poisoned(self, batch, optimizer, **kwargs):
+        out = real(self, batch, optimizer, **kwargs)
+        if self.iteration == 2:
+            with torch.no_grad():
+                self.policy.log_std.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(MAMLTRPO, "train_step", poisoned)
+    assert main(["train", *RL_ARGS, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "diverged: the meta-parameters became non-finite at step 3" in err and "holds the last finite" in err

@@ -1,4 +1,4 @@
-"""A run's configuration: four dataclasses (data, model, algorithm, training) in one ``RunConfig``.
+"""A run's configuration: dataclasses (data, model, algorithm, training, and rl for meta-RL) in one ``RunConfig``.
 
 Every checkpoint stores ``RunConfig.to_dict()``, so a run can be evaluated, resumed or used for
 prediction without its command line. ``RunConfig.from_dict`` also reads the flat dicts of older
@@ -241,7 +241,54 @@ class TrainingConfig:
                                         minimum=0)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig, "training": TrainingConfig}
+@dataclass
+class RLConfig:
+    """Meta-RL, when ``env`` names a task family (``fastadapt.rl.envs``) in place of a data set:
+    ``trajectories`` per task and ``horizon`` per trajectory (None: the family's), the policy's
+    ``activation`` (its two hidden layers are ``ModelConfig.hidden`` wide), returns (``gamma``,
+    ``gae_lambda``), the outer step (``outer``: trpo or ppo; TRPO's ``max_kl``, ``cg_iters``,
+    ``cg_damping``, ``ls_steps``, ``ls_ratio``, ``hvp_fraction``), gymnasium ``workers``, and the
+    fixed validation and test tasks. The meta-batch is ``DataConfig.task_batch`` tasks; the
+    inner loop is ``AlgorithmConfig``'s (``maml`` or ``metasgd``)."""
+
+    env: Optional[str] = None
+    trajectories: int = 20
+    horizon: Optional[int] = None
+    activation: str = "relu"
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    outer: str = "trpo"
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    ls_steps: int = 15
+    ls_ratio: float = 0.8
+    hvp_fraction: float = 1.0
+    workers: int = 1
+    val_tasks: int = 20
+    test_tasks: int = 40
+
+    def check(self) -> None:
+        where = "RLConfig."
+        for key in ("trajectories", "cg_iters", "ls_steps", "workers", "val_tasks", "test_tasks"):
+            _integer(key, getattr(self, key), where + key, positive=True)
+        if self.horizon is not None:
+            _integer("horizon", self.horizon, where + "horizon", positive=True)
+        for key in ("gamma", "gae_lambda", "ls_ratio", "hvp_fraction"):
+            value = _number(key, getattr(self, key), where + key, positive=True)
+            if value > 1:
+                raise ConfigError(key, f"must be in (0, 1], got {value!r}", where + key)
+            setattr(self, key, value)
+        self.max_kl = _number("max_kl", self.max_kl, where + "max_kl", positive=True)
+        self.cg_damping = _number("cg_damping", self.cg_damping, where + "cg_damping", minimum=0)
+        if self.activation not in ("relu", "tanh"):
+            raise ConfigError("activation", f"must be relu or tanh, got {self.activation!r}", where + "activation")
+        if self.outer not in ("trpo", "ppo"):
+            raise ConfigError("outer", f"must be trpo or ppo, got {self.outer!r}", where + "outer")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig, "training": TrainingConfig,
+            "rl": RLConfig}
 
 
 def _flat_fields() -> Dict[str, Tuple[str, str]]:
@@ -261,12 +308,14 @@ ALIASES = {"steps": "meta_steps"}
 
 @dataclass
 class RunConfig:
-    """Everything a run is: ``data``, ``model``, ``algorithm`` and ``training``."""
+    """Everything a run is: ``data``, ``model``, ``algorithm`` and ``training`` (and ``rl`` for a
+    meta-RL run)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     @property
     def loss(self) -> str:

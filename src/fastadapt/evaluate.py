@@ -30,10 +30,17 @@ class EvalResult:
     loss: torch.Tensor
     loss_ci: torch.Tensor
     tasks: int
+    returns: Optional[torch.Tensor] = None      # meta-RL: mean return per step, before adapting first
+    returns_ci: Optional[torch.Tensor] = None
 
     def table(self) -> str:
         lines = [f"{self.tasks} test tasks, mean and 95% confidence interval per inner step:"]
-        if self.accuracy is not None:
+        if self.returns is not None:
+            lines.append(f"{'step':>4s} {'return':>20s}")
+            for s in range(len(self.returns)):
+                lines.append(f"{s:4d} {self.returns[s]:11.2f} ± {self.returns_ci[s]:6.2f}"
+                             + ("   (before adapting)" if s == 0 else ""))
+        elif self.accuracy is not None:
             lines.append(f"{'step':>4s} {'accuracy':>18s} {'loss':>18s}")
             for s in range(len(self.loss)):
                 lines.append(f"{s:4d} {100 * self.accuracy[s]:9.2f}% ± {100 * self.accuracy_ci[s]:5.2f} "
@@ -48,13 +55,16 @@ class EvalResult:
         out = {"tasks": self.tasks, "loss": self.loss.tolist(), "loss_ci": self.loss_ci.tolist()}
         if self.accuracy is not None:
             out.update(accuracy=self.accuracy.tolist(), accuracy_ci=self.accuracy_ci.tolist())
+        if self.returns is not None:
+            out.update(returns=self.returns.tolist(), returns_ci=self.returns_ci.tolist())
         return out
 
 
 def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None, progress: bool = False,
              desc: str = "evaluate", should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
     """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
-    ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss.
+    ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss
+    (and, for a meta-RL learner, whose ``fine_tune`` gives ``task_return``, the returns).
     The meta-parameters and buffers are left untouched. Under torch.distributed the batches are
     split over the ranks and the per-task results gathered, each task counted once.
 
@@ -69,14 +79,20 @@ def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=
             return None
         out = learner.fine_tune(batch.to(device, dtype), inner_steps=inner_steps)
         accuracy = None if out.task_accuracy is None else out.task_accuracy.double().cpu()
-        local.append((index, out.task_loss.double().cpu(), accuracy))
+        task_return = getattr(out, "task_return", None)
+        local.append((index, out.task_loss.double().cpu(), accuracy,
+                      None if task_return is None else task_return.double().cpu()))
     results = sorted(distributed.gather(local, ctx), key=lambda r: r[0])
     losses = [r[1] for r in results]
     accuracies = [r[2] for r in results if r[2] is not None]
+    returns = [r[3] for r in results if r[3] is not None]
     if not losses:
         raise ValueError("evaluate: no episodes given")
     loss = torch.cat(losses)
     accuracy = torch.cat(accuracies) if accuracies else None
+    task_returns = torch.cat(returns) if returns else None
     return EvalResult(accuracy=None if accuracy is None else accuracy.mean(0),
                       accuracy_ci=None if accuracy is None else confidence_interval(accuracy),
-                      loss=loss.mean(0), loss_ci=confidence_interval(loss), tasks=loss.shape[0])
+                      loss=loss.mean(0), loss_ci=confidence_interval(loss), tasks=loss.shape[0],
+                      returns=None if task_returns is None else task_returns.mean(0),
+                      returns_ci=None if task_returns is None else confidence_interval(task_returns))

@@ -42,6 +42,17 @@ PRESETS = {
                                    val_split="background_small2", algo="protonet", n_way=20, k_shot=1, k_query=5,
                                    task_batch=4, inner_steps=5, inner_lr=0.1, inner_steps_test=5, augment=True,
                                    rotations=True, cosine=True, meta_steps=3000, eval_every=3000, log_every=100),
+    # MAML-RL (Finn et al. 2017, sec. 5.3 and app. A.2; the 2D navigation settings of its PyTorch
+    # reproduction): `fastadapt train --env NAME` starts from the preset of the same name.
+    "navigation-2d": dict(env="navigation-2d", task_batch=20, trajectories=20, horizon=100, inner_steps=1,
+                          inner_steps_test=3, inner_lr=0.1, hidden=64, activation="tanh", meta_steps=500,
+                          eval_every=50, log_every=1, hvp_fraction=0.2),
+    "halfcheetah-dir": dict(env="halfcheetah-dir", task_batch=40, trajectories=20, horizon=200, inner_steps=1,
+                            inner_steps_test=3, inner_lr=0.1, hidden=100, activation="relu", meta_steps=500,
+                            eval_every=50, log_every=1, hvp_fraction=0.2),
+    "halfcheetah-vel": dict(env="halfcheetah-vel", task_batch=40, trajectories=20, horizon=200, inner_steps=1,
+                            inner_steps_test=3, inner_lr=0.1, hidden=100, activation="relu", meta_steps=500,
+                            eval_every=50, log_every=1, hvp_fraction=0.2),
 }
 
 
@@ -97,13 +108,15 @@ class Run:
     learner: object = None
 
 
-def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=None, build: bool = True) -> Run:
+def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=None, build: bool = True,
+             builder=None) -> Run:
     """The run in ``checkpoint`` (a file, or a run folder's ``best.pt``, else ``last.pt``), its stored
     configuration with the flat ``changes`` applied, and, with ``build``, its learner (or the given
     ``learner``, for a model built in Python) loaded with its weights. ``device``: None keeps the
     stored one, ``"usable"`` keeps it if this machine has it (else the CPU), a name sets it.
-    Shared by ``eval``, ``predict`` (``Predictor.load``) and ``train --resume``; errors name the
-    file and the cause."""
+    ``builder(config)`` builds the learner instead of ``build_learner`` (a meta-RL run's, which
+    this layer does not know). Shared by ``eval``, ``predict`` (``Predictor.load``) and ``train
+    --resume``; errors name the file and the cause."""
     path = find_checkpoint(checkpoint)
     state = load_checkpoint(path)
     stored = stored_config(state["config"])
@@ -118,7 +131,11 @@ def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=
     if bad:
         raise ValueError(f"{path}: weights {bad[0]!r} (and {len(bad) - 1} more) are not finite; this checkpoint "
                          "cannot be evaluated")
-    if learner is None:
+    if learner is None and builder is not None:
+        learner = builder(config)
+    elif learner is None:
+        if config.rl.env is not None:
+            raise ValueError(f"{path}: a meta-RL run ({config.rl.env}); fastadapt eval {path} evaluates it")
         learner = build_learner(config)
     elif bn_statistics is not None:
         learner.bn_statistics = bn_statistics

@@ -182,7 +182,7 @@ class Trainer:
         if self.writer is not None:
             flat = record.get("val", record)
             prefix = "val" if "val" in record else "train"
-            for key in ("loss", "accuracy"):
+            for key in ("loss", "accuracy", "returns"):
                 value = flat.get(key)
                 if value is not None:
                     self.writer.add_scalar(f"{prefix}/{key}", value[-1] if isinstance(value, list) else value,
@@ -232,7 +232,10 @@ class Trainer:
             raise self._diverged(f"the validation query loss after adapting is {after:.3g} ({before:.3g} before): "
                                  "the inner loop diverges", inner=True)
         self.validated_step = self.step
-        score = float(result.accuracy[-1]) if result.accuracy is not None else -float(result.loss[-1])
+        if result.accuracy is not None:
+            score = float(result.accuracy[-1])
+        else:
+            score = float(result.returns[-1]) if result.returns is not None else -float(result.loss[-1])
         self._write({"step": self.step, "val": result.as_dict()})
         if self.best is None or score > self.best:
             self.best, self.best_step = score, self.step
@@ -334,13 +337,19 @@ class Trainer:
                     tasks = batch.num_tasks * self.dist.world_size
                     record = {"step": self.step, "loss": loss,
                               "query_loss": distributed.average(out.query_loss, self.dist).tolist(),
-                              "time": seconds, "tasks_per_s": tasks / seconds,
-                              "examples_per_s": (batch.support_x.shape[1] + batch.query_x.shape[1]) * tasks / seconds}
+                              "time": seconds, "tasks_per_s": tasks / seconds}
+                    if hasattr(batch, "support_x"):
+                        record["examples_per_s"] = (batch.support_x.shape[1] + batch.query_x.shape[1]) * tasks / seconds
+                    if getattr(out, "task_return", None) is not None:  # meta-RL: returns and the step's KL
+                        record["returns"] = distributed.average(out.task_return.mean(0), self.dist).tolist()
+                        record["kl"], record["accepted"] = out.kl, out.accepted
                     postfix = {"loss": f"{loss:.3f}"}
                     if out.query_accuracy is not None:
                         accuracy = distributed.average(out.query_accuracy, self.dist)
                         record["accuracy"] = accuracy.tolist()
                         postfix["acc"] = f"{accuracy[-1].item():.3f}"
+                    if "returns" in record:
+                        postfix["return"] = f"{record['returns'][-1]:.2f}"
                     bar.set_postfix(postfix)
                     self._write(record)
                 if self._validation_due():

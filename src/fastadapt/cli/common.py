@@ -8,6 +8,7 @@ import sys
 
 from .. import algorithms, data, experiment, models
 from ..config import FLAT_KEYS, RunConfig
+from ..rl.envs import families as rl_families
 
 BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
                       "the per-step statistics of a --per-step-bn run, so each image is classified alone")
@@ -127,6 +128,26 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=float, metavar="SECONDS",
                    help="end the run after SECONDS of meta-iterations (validation excluded, resumes included) as if "
                         "--steps were reached; --cosine then anneals over whichever ends first")
+    g = p.add_argument_group("meta-RL (a task family in place of --dataset)")
+    g.add_argument("--env", choices=sorted(rl_families()),
+                   help="; ".join(f"{name}: {cls.summary}" for name, cls in sorted(rl_families().items()))
+                        + ". --env NAME starts from the preset NAME")
+    g.add_argument("--trajectories", type=int, help="trajectories per task, for the support and the query sets")
+    g.add_argument("--horizon", type=int, help="steps per trajectory (default: the family's)")
+    g.add_argument("--activation", choices=["relu", "tanh"], help="the policy's (its two hidden layers are --hidden wide)")
+    g.add_argument("--gamma", type=float, help="discount")
+    g.add_argument("--gae-lambda", type=float, help="GAE lambda (1: return minus the linear baseline)")
+    g.add_argument("--outer", choices=["trpo", "ppo"], help="outer step: TRPO (the paper's) or clipped-surrogate Adam")
+    g.add_argument("--max-kl", type=float, help="TRPO: largest mean KL of a step")
+    g.add_argument("--cg-iters", type=int, help="TRPO: conjugate-gradient iterations")
+    g.add_argument("--cg-damping", type=float, help="TRPO: damping added to the KL's Hessian")
+    g.add_argument("--ls-steps", type=int, help="TRPO: line-search steps")
+    g.add_argument("--ls-ratio", type=float, help="TRPO: line-search backtracking ratio")
+    g.add_argument("--hvp-fraction", type=float,
+                   help="TRPO: share of each task's trajectories the KL's curvature is taken on (1: all)")
+    g.add_argument("--workers", type=int, help="gymnasium environments: subprocesses (1: in this process)")
+    g.add_argument("--val-tasks", type=int, help="fixed validation tasks")
+    g.add_argument("--test-tasks", type=int, help="fixed test tasks evaluated at the end")
     g = p.add_argument_group("devices")
     g.add_argument("--device")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
@@ -151,8 +172,37 @@ def config_from(args) -> RunConfig:
     given = explicit(args)
     if given.get("network") is not None:
         given["network"] = models.load_network_config(given["network"])
-    preset = experiment.PRESETS.get(args.preset, {}) if args.preset else {}
-    return experiment.resolve({**preset, **given})
+    preset = experiment.PRESETS.get(args.preset or given.get("env"), {})
+    config = experiment.resolve({**preset, **given})
+    if config.rl.env is not None:
+        from ..rl import experiment as rl_experiment
+        rl_experiment.check(config)
+    return config
+
+
+def describe(config: RunConfig) -> str:
+    """The run's data and task shape in words, for its first line."""
+    if config.rl.env is not None:
+        from ..rl import experiment as rl_experiment
+        return f"{config.rl.env}, {config.algorithm.name}, {rl_experiment.describe(config)}"
+    return f"{config.data.dataset}, {config.algorithm.name}, {data.source(config.data.dataset).describe(config)}"
+
+
+def build_tasks(config: RunConfig, splits=("train", "val", "test")) -> dict:
+    """A run's task sources: a meta-RL run's from ``rl``, else the experiment's."""
+    if config.rl.env is not None:
+        from ..rl import experiment as rl_experiment
+        return rl_experiment.build_tasks(config, splits)
+    return experiment.build_data(config, splits)
+
+
+def build_learner(config: RunConfig):
+    """A run's learner: a meta-RL run's from ``rl``, else the experiment's (also ``load_run``'s
+    ``builder``)."""
+    if config.rl.env is not None:
+        from ..rl import experiment as rl_experiment
+        return rl_experiment.build_learner(config)
+    return experiment.build_learner(config)
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:

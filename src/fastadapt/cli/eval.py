@@ -32,12 +32,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.test_alphabets,
-                   test_episodes=args.episodes, threads=args.threads)
+                   test_episodes=args.episodes, test_tasks=args.episodes, threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
     loaded = experiment.load_run(args.checkpoint, changes=changes, device=args.device or "usable",
-                                 bn_statistics=args.bn_statistics)
+                                 bn_statistics=args.bn_statistics, builder=common.build_learner)
     config, learner = loaded.config, loaded.learner
     steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
     if steps < 0:
@@ -51,7 +51,7 @@ def run(args) -> int:
             raise ValueError(f"--protocol {args.protocol}: {error}; {loaded.path} cannot be scored on it") from None
         print("\n".join(lines))
     else:
-        tasks = experiment.build_data(config, splits=("test",))["test"]
+        tasks = common.build_tasks(config, splits=("test",))["test"]
     print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
                    desc="evaluate").table())

@@ -75,8 +75,11 @@ def _warn_if_busy() -> None:
 
 def _default_run_folder(config) -> str:
     """runs/<data>-<task>-<time>-<pid>: two runs started in the same second differ by process."""
-    tag = data.source(config.data.dataset).tag(config)
-    return f"runs/{config.data.dataset}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if config.rl.env is not None:
+        name = f"{config.rl.env}-{config.data.task_batch}t{config.rl.trajectories}x"
+    else:
+        name = f"{config.data.dataset}-{data.source(config.data.dataset).tag(config)}"
+    return f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def run(args) -> int:
@@ -98,8 +101,7 @@ def _train(args, config, out: Path, ctx) -> int:
     from ..train import Stopped, Trainer, TrainingDiverged, stop_on_signals
 
     torch.manual_seed(config.training.seed)
-    learner = experiment.build_learner(config)
-    sources = experiment.build_data(config)
+    learner, sources = common.build_learner(config), common.build_tasks(config)
     writer = None
     if args.tensorboard and ctx.is_main:
         try:
@@ -117,8 +119,7 @@ def _train(args, config, out: Path, ctx) -> int:
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     workers = f", {ctx.world_size} processes" if ctx.enabled else ""
-    task = data.source(config.data.dataset).describe(config)
-    say(f"run folder {out}  ({config.data.dataset}, {config.algorithm.name}, {task}{workers})")
+    say(f"run folder {out}  ({common.describe(config)}{workers})")
     start = time.perf_counter()
     progress = not args.quiet and ctx.is_main
     with stop_on_signals(trainer):

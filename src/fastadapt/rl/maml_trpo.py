@@ -366,7 +366,7 @@ class MAMLTRPO(nn.Module):
             clipped = torch.minimum(ratio * adv, ratio.clamp(1 - self.ppo_clip, 1 + self.ppo_clip) * adv)
             loss = (-(clipped * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
             loss.backward()
-            out = RLOutput(loss=loss.detach(), returns=returns, kl=float(kl.mean()), accepted=True)
+            out = RLOutput(loss=loss.detach(), returns=returns, kl=float(kl.mean().detach()), accepted=True)
             if first is None:
                 first = out
                 if before_update is not None:

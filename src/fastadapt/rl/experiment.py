@@ -1,0 +1,111 @@
+"""A meta-RL run from its configuration (``RunConfig`` with ``rl.env`` set): the learner, the
+task stream and the fixed validation and test tasks, in the shapes the ``Trainer`` and
+``evaluate`` take. The command line wires these in when ``--env`` is given."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+from ..config import ConfigError, RunConfig
+from .envs import family
+from .maml_trpo import RULES, MAMLTRPO
+from .policies import CategoricalMLPPolicy, GaussianMLPPolicy
+
+
+class TaskParams:
+    """A meta-batch of tasks as ``Trainer`` and ``evaluate`` handle one: ``tasks`` ``[T, P]``."""
+
+    def __init__(self, tasks: torch.Tensor):
+        self.tasks = tasks
+
+    @property
+    def num_tasks(self) -> int:
+        return self.tasks.shape[0]
+
+    def to(self, device=None, dtype=None) -> "TaskParams":
+        return self  # environments step on the CPU, in their own precision
+
+    def __getitem__(self, index) -> "TaskParams":
+        return TaskParams(self.tasks[index])
+
+
+class TaskStream:
+    """Meta-batches of ``batch_size`` tasks drawn from ``family``; batch ``i`` is a pure function of
+    ``(seed, i)``, and ``state_dict`` records the position, so a resumed run draws the same tasks."""
+
+    def __init__(self, family, batch_size: int, seed: int = 0):
+        self.family, self.batch_size, self.seed, self.start = family, int(batch_size), int(seed), 0
+
+    def batch(self, index: int) -> TaskParams:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return TaskParams(self.family.sample_tasks(self.batch_size, generator))
+
+    def __iter__(self):
+        while True:
+            batch = self.batch(self.start)
+            self.start += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.start = int(state["seed"]), int(state["start"])
+
+
+def check(config: RunConfig) -> RunConfig:
+    """Refuse what a meta-RL run cannot do, in one line each (``ConfigError``)."""
+    config.rl.check()
+    family(config.rl.env, **({"workers": config.rl.workers} if _gym(config.rl.env) else {}))
+    if config.algorithm.name not in RULES:
+        raise ConfigError("algo", f"is {config.algorithm.name!r}; a meta-RL run's inner loop is one of "
+                                  f"{', '.join(RULES)}", "AlgorithmConfig.name")
+    if config.algorithm.inner_steps < 1:
+        raise ConfigError("inner_steps", "must be at least 1 for a meta-RL run", "AlgorithmConfig.inner_steps")
+    if distributed.current().enabled:
+        raise ValueError("meta-RL runs are not yet distributed over processes: run one process")
+    return config
+
+
+def _gym(name: str) -> bool:
+    from .envs import GymTaskFamily, families
+    return issubclass(families().get(name, object), GymTaskFamily)
+
+
+def build_learner(config: RunConfig) -> MAMLTRPO:
+    """The policy and MAML-TRPO that ``config`` describes (the policy's two hidden layers are
+    ``model.hidden`` wide, 100 if unset)."""
+    check(config)
+    r, a = config.rl, config.algorithm
+    tasks = family(r.env, **({"workers": r.workers} if _gym(r.env) else {}))
+    width = config.model.hidden or 100
+    if tasks.num_actions is None:
+        policy = GaussianMLPPolicy(tasks.observation_dim, tasks.action_dim, (width, width), r.activation)
+    else:
+        policy = CategoricalMLPPolicy(tasks.observation_dim, tasks.num_actions, (width, width), r.activation)
+    learner = MAMLTRPO(policy, tasks, inner_lr=a.inner_lr, inner_steps=a.inner_steps, first_order=a.first_order,
+                       rule=a.name, trajectories=r.trajectories, horizon=r.horizon, gamma=r.gamma,
+                       gae_lambda=r.gae_lambda, outer=r.outer, max_kl=r.max_kl, cg_iters=r.cg_iters,
+                       cg_damping=r.cg_damping, ls_steps=r.ls_steps, ls_ratio=r.ls_ratio, hvp_fraction=r.hvp_fraction,
+                       seed=config.training.seed)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config.model.dtype]
+    return learner.to(dtype=dtype)
+
+
+def build_tasks(config: RunConfig, splits=("train", "val", "test")) -> dict:
+    """The training task stream and the fixed, seeded validation and test tasks."""
+    tasks, out = family(config.rl.env), {}
+    seed, batch = config.training.seed, config.data.eval_batch
+    if "train" in splits:
+        out["train"] = TaskStream(tasks, config.data.task_batch, seed)
+    for split, count, offset in (("val", config.rl.val_tasks, 1), ("test", config.rl.test_tasks, 2)):
+        if split in splits:
+            drawn = tasks.sample_tasks(count, torch.Generator().manual_seed(seed + 1_000_000 * offset))
+            out[split] = [TaskParams(part) for part in drawn.split(batch)]
+    return out
+
+
+def describe(config: RunConfig) -> str:
+    r = config.rl
+    return f"{config.data.task_batch} tasks x {r.trajectories} trajectories, {config.algorithm.inner_steps} inner step(s)"
