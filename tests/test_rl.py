@@ -347,8 +347,7 @@ def test_an_rl_run_stopped_by_a_signal_resumes_to_the_same_result(straight_rl, t
 def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
     import sys
     from fastadapt.cli import main
-    cases = [(["--env", "nope"], "invalid choice: 'nope' (choose from 'halfcheetah-dir', 'halfcheetah-vel', "
-                                 "'navigation-2d')"),
+    cases = [(["--env", "nope"], "invalid choice: 'nope' (choose from "),
              ([*RL_ARGS, "--algo", "protonet"], "--algo is 'protonet'; a meta-RL run's inner loop is one of maml, "
                                                  "metasgd"),
              ([*RL_ARGS, "--hvp-fraction", "1.5"], "--hvp-fraction must be in (0, 1], got 1.5"),
