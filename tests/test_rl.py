@@ -351,7 +351,8 @@ def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, mon
              ([*RL_ARGS, "--algo", "protonet"], "--algo is 'protonet'; a meta-RL run's inner loop is one of maml, "
                                                  "metasgd"),
              ([*RL_ARGS, "--hvp-fraction", "1.5"], "--hvp-fraction must be in (0, 1], got 1.5"),
-             ([*RL_ARGS, "--max-kl", "0"], "--max-kl must be a positive finite number, got 0.0")]
+             ([*RL_ARGS, "--max-kl", "0"], "--max-kl must be a positive finite number, got 0.0"),
+             ([*RL_ARGS, "--cosine"], "--cosine has no effect on a TRPO step, whose size max_kl sets")]
     for args, message in cases:
         assert main(["train", *args, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -65,6 +65,14 @@ def check(config: RunConfig) -> RunConfig:
         raise ConfigError("inner_steps", "must be at least 1 for a meta-RL run", "AlgorithmConfig.inner_steps")
     if distributed.current().enabled:
         raise ValueError("meta-RL runs are not yet distributed over processes: run one process")
+    if config.training.device != "cpu":
+        raise ConfigError("device", f"is {config.training.device!r}; meta-RL runs sample and train on the cpu "
+                                    "(the policies are small, the environments step on the CPU)", "TrainingConfig.device")
+    if config.rl.outer == "trpo":
+        for key, value in (("cosine", config.training.cosine), ("clip_grad", config.training.clip_grad)):
+            if value:
+                raise ConfigError(key, "has no effect on a TRPO step, whose size max_kl sets (it applies to "
+                                       "--outer ppo)", f"TrainingConfig.{key}")
     return config
 
 
