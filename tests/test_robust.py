@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastadapt import experiment
+from fastadapt import Trainer, experiment
 from fastadapt.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from fastadapt.cli import main
 from fastadapt.cli.train import _default_run_folder
@@ -322,3 +322,29 @@ def test_sinusoid_run_is_labelled_as_regression(tmp_path, capsys):
                  "--test-episodes", "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "regression, K=10" in out and "-way" not in out
+
+
+def test_a_run_folder_is_never_overwritten_by_accident(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "test.json", "config.json")}
+    capsys.readouterr()
+    assert main(["train", *TINY_ARGS, "--steps", "3", "--out", str(run)]) == 2
+    err = without_warnings(capsys.readouterr().err)
+    assert len(err.splitlines()) == 1 and f"--resume {run}" in err and "--overwrite" in err and "already holds a run" in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # --overwrite replaces it: the metrics are the new run's alone
+    assert main(["train", *TINY_ARGS, "--steps", "3", "--eval-every", "3", "--out", str(run), "--overwrite"]) == 0
+    assert [r["step"] for r in records(run) if "val" not in r] == [1, 2, 3]
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+    # the Python API refuses the same, and takes overwrite=True
+    config = experiment.resolve(dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_query=2, task_batch=2,
+                                     inner_steps=1, meta_steps=2, eval_every=2, val_episodes=2, test_episodes=2))
+    learner = experiment.build_learner(config)
+    sources = experiment.build_data(config, splits=("train", "val"))
+    trainer = Trainer(learner, sources["train"], config, run, sources["val"])
+    with pytest.raises(FileExistsError, match="already holds a run .*Trainer.resume.*overwrite=True"):
+        trainer.fit(progress=False)
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+    Trainer(learner, sources["train"], config, run, sources["val"], overwrite=True).fit(progress=False)
+    assert load_checkpoint(run / "last.pt")["step"] == 2

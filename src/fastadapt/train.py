@@ -46,6 +46,20 @@ class Stopped(Exception):
         self.reason, self.exit_code = reason, exit_code
 
 
+# What a run writes into its folder; a folder holding any of them holds a run.
+RESULT_FILES = ("last.pt", "best.pt", "metrics.jsonl", "test.json")
+
+
+def run_files(folder: Path, names=RESULT_FILES + ("config.json",)) -> list:
+    """Which of a run's files ``folder`` holds."""
+    return [name for name in names if (Path(folder) / name).is_file()]
+
+
+def already_a_run(folder, held, resume: str, overwrite: str) -> str:
+    return (f"{folder} already holds a run ({', '.join(held)}); continue it with {resume}, choose another "
+            f"folder, or replace it with {overwrite}")
+
+
 # A meta-loss this many times the first iteration's (or 1, if larger) counts as an explosion.
 EXPLOSION_FACTOR = 1000.0
 
@@ -84,7 +98,7 @@ class Trainer:
     dict of its flat keys) says; the whole configuration is stored in every checkpoint."""
 
     def __init__(self, learner, tasks, config, out_dir=None, val_tasks=None, dist_context=None,
-                 writer=None, transform=None, class_names=None):
+                 writer=None, transform=None, class_names=None, overwrite: bool = False):
         self.learner, self.tasks = learner, tasks
         self.config = run_config(config, learner)
         t = self.training = self.config.training
@@ -99,6 +113,8 @@ class Trainer:
         self.dist = dist_context or distributed.current()
         self.val_tasks = val_tasks
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # a new run never writes into a folder that holds another: resume() it, or ask to overwrite
+        self.overwrite, self.resumed = bool(overwrite), False
         self.device = torch.device(t.device)
         self.dtype = next(learner.parameters()).dtype
         self.optimizer = learner.make_optimizer(t.meta_lr)
@@ -156,6 +172,7 @@ class Trainer:
 
     def resume(self, path) -> None:
         state = load_checkpoint(path)
+        self.resumed = True
         self.learner.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
@@ -281,6 +298,13 @@ class Trainer:
     def fit(self, progress: bool = True) -> "Trainer":
         t = self.training
         if self.out_dir is not None and self.dist.is_main:
+            held = run_files(self.out_dir, RESULT_FILES)
+            if held and not self.resumed:
+                if not self.overwrite:
+                    raise FileExistsError(already_a_run(self.out_dir, held, "Trainer.resume(path)",
+                                                        "overwrite=True"))
+                for name in held:
+                    (self.out_dir / name).unlink()
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if t.threads:
             torch.set_num_threads(t.threads)

@@ -25,6 +25,8 @@ def register(sub) -> None:
     g.add_argument("--out", help="run folder (default runs/<dataset>-<ways>w<shots>s-<time>-<pid>)")
     g.add_argument("--resume", help="continue the run in this folder or checkpoint; it may change only "
                                     + ", ".join(_flag(key) for key in common.RESUME_OVERRIDES))
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, such a folder is refused)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--tensorboard", action="store_true", help="also log to RUN_DIR/tensorboard")
     p.set_defaults(run=run)
@@ -88,6 +90,10 @@ def run(args) -> int:
     else:
         config = common.config_from(args)
         out = args.out or _default_run_folder(config)
+        from ..train import already_a_run, run_files
+        held = run_files(out)
+        if held and not args.overwrite:
+            raise FileExistsError(already_a_run(out, held, f"--resume {out}", "--overwrite"))
     out = Path(out)
     if config.training.threads:
         torch.set_num_threads(config.training.threads)
@@ -109,7 +115,8 @@ def _train(args, config, out: Path, ctx) -> int:
         except ImportError as error:
             raise ValueError("--tensorboard needs the tensorboard package: pip install 'fastadapt[tensorboard]'") from error
         writer = SummaryWriter(str(out / "tensorboard"))
-    trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx, writer=writer)
+    trainer = Trainer(learner, sources["train"], config, out, sources["val"], ctx, writer=writer,
+                      overwrite=bool(getattr(args, "overwrite", False)))
     if args.resume:
         trainer.resume(args.resume)
         trainer.truncate_metrics()  # a --steps that extends the run stretches the cosine over it all
