@@ -348,3 +348,22 @@ def test_a_run_folder_is_never_overwritten_by_accident(tmp_path, capsys):
     assert load_checkpoint(run / "last.pt")["step"] == 3
     Trainer(learner, sources["train"], config, run, sources["val"], overwrite=True).fit(progress=False)
     assert load_checkpoint(run / "last.pt")["step"] == 2
+
+
+def test_a_cut_off_metrics_line_is_dropped_with_a_warning_and_a_corrupt_one_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--steps", "3", "--eval-every", "3", "--out", str(run)]) == 0
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 4, "loss": 0.5, "query_lo')   # killed mid-write
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: its last line (" in err and "cut off" in err
+    assert [r["step"] for r in records(run) if "val" not in r] == [1, 2, 3, 4, 5, 6]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    assert main(["plot", str(run)]) == 2
+    assert f"{metrics}, line 2: not a metrics record" in capsys.readouterr().err
+    assert main(["eval", str(run), "--episodes", "0"]) == 2
+    assert "--episodes must be a positive integer, got 0" in capsys.readouterr().err

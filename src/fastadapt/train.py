@@ -19,6 +19,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,27 @@ def run_files(folder: Path, names=RESULT_FILES + ("config.json",)) -> list:
 def already_a_run(folder, held, resume: str, overwrite: str) -> str:
     return (f"{folder} already holds a run ({', '.join(held)}); continue it with {resume}, choose another "
             f"folder, or replace it with {overwrite}")
+
+
+def read_metrics(path: Path) -> list:
+    """The records of a ``metrics.jsonl``. A last line cut off mid-write (a killed run, a full disk)
+    is dropped with a warning; any other line that is not a JSON record is an error naming the
+    file and the line."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):
+                warnings.warn(f"{path}: its last line ({number}) is cut off or not a record; it is dropped",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics record ({error})") from None
+        records.append(record)
+    return records
 
 
 # A meta-loss this many times the first iteration's (or 1, if larger) counts as an explosion.
@@ -211,8 +233,7 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         if path is None or not self.dist.is_main or not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = [json.dumps(record) for record in read_metrics(path) if record["step"] <= self.step]
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         temporary.replace(path)

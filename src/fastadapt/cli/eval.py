@@ -12,7 +12,8 @@ from . import common
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")
     p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
-    p.add_argument("--episodes", type=int, help="test tasks (default: the run's, 600)")
+    p.add_argument("--episodes", dest="test_episodes", type=int, help="test tasks (default: the run's: 600, or 40 "
+                                                                        "for a meta-RL run)")
     p.add_argument("--inner-steps-test", type=int)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(data.sources()))
@@ -32,7 +33,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.test_alphabets,
-                   test_episodes=args.episodes, test_tasks=args.episodes, threads=args.threads)
+                   test_episodes=args.test_episodes, test_tasks=args.test_episodes, threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise

@@ -23,7 +23,8 @@ def run(args) -> int:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics} does not exist (is {run} a run folder?)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from ..train import read_metrics
+    records = read_metrics(metrics)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
