@@ -367,3 +367,11 @@ def test_a_cut_off_metrics_line_is_dropped_with_a_warning_and_a_corrupt_one_name
     assert f"{metrics}, line 2: not a metrics record" in capsys.readouterr().err
     assert main(["eval", str(run), "--episodes", "0"]) == 2
     assert "--episodes must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_a_seed_out_of_range_is_named_by_its_flag(tmp_path, capsys):
+    for seed, message in (("-1", "--seed must be a non-negative integer, got -1"),
+                          (str(2 ** 64), "--seed must be below 2^63")):
+        assert main(["train", *TINY_ARGS, "--seed", seed, "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

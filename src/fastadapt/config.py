@@ -230,7 +230,9 @@ class TrainingConfig:
         where = "TrainingConfig."
         for key in ("meta_steps", "eval_every", "log_every"):
             _integer(key, getattr(self, key), where + key, positive=True)
-        _integer("seed", self.seed, where + "seed")
+        _integer("seed", self.seed, where + "seed", minimum=0)
+        if self.seed >= 2 ** 63:
+            raise ConfigError("seed", f"must be below 2^63, got {self.seed!r}", where + "seed")
         self.meta_lr = _number("meta_lr", self.meta_lr, where + "meta_lr", positive=True)
         for key in ("clip_grad", "time_limit", "budget"):
             if getattr(self, key) is not None:
