@@ -159,6 +159,8 @@ def _train(args, config, out: Path, ctx) -> int:
 
 
 def _final_summary(result) -> str:
+    if result.returns is not None:
+        return f"return {result.returns[-1]:.2f} ± {result.returns_ci[-1]:.2f} after the last step"
     if result.accuracy is not None:
         return f"{100 * result.accuracy[-1]:.2f}% ± {100 * result.accuracy_ci[-1]:.2f} after the last step"
     return f"loss {result.loss[-1]:.4f} ± {result.loss_ci[-1]:.4f} after the last step"
