@@ -154,3 +154,56 @@ def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     outcome = (tmp_path / "outcome").read_text()
     assert outcome.startswith("error after"), outcome
     assert int(outcome.split()[2].rstrip("s:")) < 12
+
+
+class _SignalSelfAt:
+    """A task stream that sends SIGTERM to this process when batch ``n`` is drawn."""
+
+    def __init__(self, tasks, n):
+        self.tasks, self.n = tasks, n
+
+    def __iter__(self):
+        import signal
+        for i, batch in enumerate(self.tasks):
+            if i == self.n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    def state_dict(self):
+        return self.tasks.state_dict()
+
+    def load_state_dict(self, state):
+        self.tasks.load_state_dict(state)
+
+
+def signal_worker(rank, world, port, out_dir, result):
+    """Rank 1 alone gets SIGTERM at its fourth meta-batch: both ranks must stop cleanly, and rank 0 saves."""
+    from fastadapt.train import Stopped, stop_on_signals
+    torch.set_num_threads(1)
+    ctx = join(rank, world, port, timeout_s=120)
+    c = experiment.resolve(CONFIG)
+    torch.manual_seed(c.training.seed)
+    learner = experiment.build_learner(c)
+    sources = experiment.build_data(c, splits=("train", "val"))
+    tasks = _SignalSelfAt(sources["train"], 3) if rank == 1 else sources["train"]
+    trainer = Trainer(learner, tasks, c, out_dir, sources["val"], ctx)
+    outcome = "finished"
+    with stop_on_signals(trainer):
+        try:
+            trainer.fit(progress=False)
+        except Stopped as stop:
+            outcome = f"stopped {stop.exit_code} at {trainer.step}: {stop.reason}"
+    Path(f"{result}.{rank}").write_text(outcome)
+    distributed.shutdown()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_cleanly_and_saves(tmp_path):
+    import signal
+    port, result = free_port(), str(tmp_path / "outcome")
+    mp.spawn(signal_worker, args=(2, port, str(tmp_path / "run"), result), nprocs=2, join=True)
+    outcomes = [Path(f"{result}.{rank}").read_text() for rank in range(2)]
+    code = 128 + signal.SIGTERM
+    assert outcomes[1].startswith(f"stopped {code} at 4: SIGTERM"), outcomes
+    assert outcomes[0].startswith(f"stopped {code} at 4: a stop request to another process"), outcomes
+    from fastadapt.checkpoint import load_checkpoint
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4

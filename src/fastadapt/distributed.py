@@ -103,6 +103,15 @@ def average(value: torch.Tensor, ctx: Context) -> torch.Tensor:
     return value / ctx.world_size
 
 
+def maximum(value: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Elementwise maximum of a tensor over ranks."""
+    if not ctx.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def shard(items: Sequence, ctx: Context) -> List:
     """This rank's items: every ``world_size``-th one, starting at ``rank``."""
     return list(items)[ctx.rank::ctx.world_size]

@@ -186,11 +186,16 @@ class Trainer:
         self.stop_request = (reason, exit_code)
 
     def _stop_now(self) -> bool:
-        """Whether to stop; under torch.distributed every rank must agree, so the ranks share it."""
-        flag = self.stop_request is not None
-        if self.dist.enabled:
-            flag = bool(distributed.average(torch.tensor(float(flag), device=self.device), self.dist) > 0)
-        return flag
+        """Whether to stop; under torch.distributed every rank must agree, so the ranks share it:
+        a signal to any one process stops them all, each with that request's exit code."""
+        if not self.dist.enabled:
+            return self.stop_request is not None
+        code = self.stop_request[1] if self.stop_request is not None else -1
+        shared = distributed.maximum(torch.tensor([float(self.stop_request is not None), float(code)],
+                                                  device=self.device), self.dist)
+        if shared[0] > 0 and self.stop_request is None:
+            self.stop_request = ("a stop request to another process of the run", int(shared[1]))
+        return bool(shared[0] > 0)
 
     def resume(self, path) -> None:
         state = load_checkpoint(path)
