@@ -375,3 +375,16 @@ def test_a_seed_out_of_range_is_named_by_its_flag(tmp_path, capsys):
         assert main(["train", *TINY_ARGS, "--seed", seed, "--out", str(tmp_path / "run")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_zip_bomb_checkpoint_is_refused_before_it_is_inflated(tmp_path, capsys):
+    import zipfile
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (200 << 20))   # 200 MiB of zeros, about 200 KiB deflated
+    assert path.stat().st_size < 1 << 20
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "refused: its records inflate to 200 MiB" in err and "bomb.pt" in err
+    with pytest.raises(ValueError, match="inflate to 200 MiB"):
+        load_checkpoint(path)

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes); {expected}")
+    _check_inflated_size(path, size, expected)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -68,6 +70,20 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not isinstance(payload["config"], dict):
         raise ValueError(f"{path}: its 'config' is a {type(payload['config']).__name__}, not a dict; {expected}")
     return payload
+
+
+def _check_inflated_size(path: Path, size: int, expected: str) -> None:
+    """Refuse, before anything is inflated, a zip whose entries unpack to far more than the file:
+    ``torch.save`` stores its records uncompressed, so a checkpoint inflates to about its own size,
+    while a crafted one (a "zip bomb") would take gigabytes of memory first."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip (an old-format checkpoint or another file): torch.load says what it is
+    if inflated > 2 * size + (1 << 20):
+        raise ValueError(f"{path}: refused: its records inflate to {inflated / 2 ** 20:,.0f} MiB from a "
+                         f"{size / 2 ** 20:,.1f} MiB file, while a checkpoint stores them uncompressed; {expected}")
 
 
 class RunLock:
