@@ -262,3 +262,21 @@ def test_cli_trains_on_real_omniglot_minimal_sets(tmp_path, capsys):
     assert "4 test tasks" in capsys.readouterr().out
     config = load_checkpoint(tmp_path / "run")["config"]
     assert config["data"]["options"]["val_alphabets"] == "Japanese_(katakana),Tagalog" and config["data"]["channels"] == 1
+
+
+def test_a_test_set_that_is_the_validation_set_is_said_plainly(tmp_path, capsys):
+    root = shared_data("omniglot/images_background_small2.zip").parent
+    shared_data("omniglot/images_background_small1.zip")
+    args = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+            "--val-split", "background_small2", "--hidden", "8", "--n-way", "3", "--k-query", "2", "--task-batch",
+            "2", "--inner-steps", "1", "--steps", "2", "--val-episodes", "2", "--test-episodes", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "same")]) == 0
+    captured = capsys.readouterr()
+    assert "no test split of its own: the test tasks come from the validation split 'background_small2'" in captured.err
+    assert "on the validation classes (no test split of its own)" in captured.out
+    assert json.loads((tmp_path / "same" / "test.json").read_text())["test_is_validation"] is True
+    assert main([*args, "--test-split", "background_small2", "--test-alphabets", "Sanskrit",
+                 "--val-alphabets", "Tagalog", "--out", str(tmp_path / "own")]) == 0
+    captured = capsys.readouterr()
+    assert "no test split of its own" not in captured.err + captured.out
+    assert "test_is_validation" not in json.loads((tmp_path / "own" / "test.json").read_text())

@@ -145,12 +145,15 @@ def _train(args, config, out: Path, ctx) -> int:
         except TrainingDiverged as error:
             print(f"fastadapt train: diverged: {error}", file=sys.stderr)
             return 1
+    same = config.rl.env is None and data.source(config.data.dataset).test_is_validation(config)
+    if same:  # said plainly: the warning scrolls away, test.json and the summary stay
+        report["test_is_validation"] = True
     if ctx.is_main:
         timing = {"train_seconds": seconds, "meta_iteration_seconds": trainer.step_seconds / max(1, trainer.steps_run)}
         (out / "test.json").write_text(json.dumps({**report, **timing}, indent=2))
     resumed = f", {trainer.steps_run} in this session" if args.resume else ""
     say(f"trained to step {trainer.step}{resumed} in {seconds:.0f} s; test of {report['checkpoint']} "
-        f"(step {report['step']}):")
+        f"(step {report['step']})" + (" on the validation classes (no test split of its own)" if same else "") + ":")
     say(result.table())
     if "final" in report:
         say(f"final weights (last.pt, step {trainer.step}): {_final_summary(final)}")

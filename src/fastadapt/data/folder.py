@@ -67,8 +67,16 @@ class FolderSource(DataSource):
     fixed_channels = False
 
     @classmethod
+    def test_is_validation(cls, config) -> bool:
+        return not (Path(config.data.root) / "test").is_dir()
+
+    @classmethod
     def build_sets(cls, config):
         d = config.data
+        if cls.test_is_validation(config):
+            warnings.warn(f"{Path(d.root) / 'test'} does not exist: the test tasks come from {Path(d.root) / 'val'} "
+                          "(other episodes of the same classes), so best.pt is tested on the classes it was "
+                          "selected on", stacklevel=3)
         root = Path(d.root)
         test_dir = root / "test" if (root / "test").is_dir() else root / "val"
         return tuple(ImageFolder(folder, image_size=d.image_size, channels=d.channels)

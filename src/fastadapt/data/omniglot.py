@@ -269,6 +269,12 @@ class OmniglotSource(DataSource):
         return _names(o.get("train_alphabets")) or alphabets_of(d.root, d.train_split or "background")
 
     @classmethod
+    def test_is_validation(cls, config) -> bool:
+        d, o = config.data, config.data.options
+        return (o.get("protocol") != "maml" and d.test_split in (None, d.val_split or "evaluation")
+                and o.get("test_alphabets") in (None, o.get("val_alphabets")))
+
+    @classmethod
     def build_sets(cls, config):
         d, o, size = config.data, config.data.options, config.data.image_size
         if o.get("protocol") == "maml":
@@ -288,6 +294,10 @@ class OmniglotSource(DataSource):
         test = load(test_split, test_alphabets, False, () if test_alphabets else trained)
         for part, split, named in (("validation", val_split, val_alphabets), ("test", test_split, test_alphabets)):
             _warn_if_seen(trained, _names(named), f"the {part} alphabets of {split!r}", train_split)
+        if cls.test_is_validation(config):
+            warnings.warn(f"no test split of its own: the test tasks come from the validation split {val_split!r} "
+                          "(other episodes of the same characters), so best.pt is tested on the classes it was "
+                          "selected on; name a --test-split (and --test-alphabets) for an unbiased test", stacklevel=3)
         return train, val, test
 
     @classmethod

@@ -79,6 +79,12 @@ class DataSource:
         return ImageTransform(config.data.image_size, config.data.channels)
 
     @classmethod
+    def test_is_validation(cls, config) -> bool:
+        """Whether the run's test tasks come from the same classes as its validation tasks (no
+        test split of its own); by default they do not."""
+        return False
+
+    @classmethod
     def describe(cls, config) -> str:
         """The task shape in words (``5-way 1-shot``)."""
         return f"{config.data.n_way}-way {config.data.k_shot}-shot"
