@@ -280,3 +280,38 @@ def test_a_test_set_that_is_the_validation_set_is_said_plainly(tmp_path, capsys)
     captured = capsys.readouterr()
     assert "no test split of its own" not in captured.err + captured.out
     assert "test_is_validation" not in json.loads((tmp_path / "own" / "test.json").read_text())
+
+
+def test_runs_made_in_python_work_from_the_command_line(tmp_path, capsys):
+    import fastadapt
+    from fastadapt.cli import main
+    from fastadapt.data import EpisodeSampler, Glyphs
+    from fastadapt.models import conv4
+    maml = fastadapt.MAML(conv4(1, 4, hidden=8), inner_lr=0.4, inner_steps=1)   # not the config's 5-way, 64 wide
+    train = EpisodeSampler(Glyphs(20, split="train"), 3, 1, 2, batch_size=2)   # 3-way episodes on a 4-way head
+    val = EpisodeSampler(Glyphs(10, split="val"), 3, 1, 2, batch_size=2).fixed(1)
+    run = tmp_path / "api"
+    config = dict(meta_lr=1e-3, meta_steps=2, eval_every=2, log_every=1, inner_steps_test=1, n_way=3, k_query=2,
+                  val_episodes=2, test_episodes=2, glyph_classes=20)
+    fastadapt.Trainer(maml, train, config, out_dir=run, val_tasks=val).fit(progress=False)
+    stored = load_checkpoint(run / "last.pt")["config"]
+    assert (stored["model"]["hidden"], stored["model"]["outputs"], stored["data"]["n_way"]) == (8, 4, 3)
+    assert main(["eval", str(run), "--quiet"]) == 0
+    assert "2 test tasks" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run), "--steps", "3", "--quiet"]) == 0
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+    class Tiny(torch.nn.Module):   # a network of the user's own: the CLI cannot rebuild it, and says so
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(784, 3)
+
+        def forward(self, x):
+            return self.head(x.flatten(1))
+
+    own = tmp_path / "own"
+    fastadapt.Trainer(fastadapt.MAML(Tiny(), inner_steps=1), train, config, out_dir=own).fit(progress=False)
+    for command in (["eval", str(own)], ["train", "--resume", str(own)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a network of your own" in err[0] and "Tiny" in err[0], err

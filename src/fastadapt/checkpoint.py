@@ -133,3 +133,12 @@ class RunLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self.held = False
+
+
+def built_in_python(state: dict) -> str:
+    """For a load error: the network class a run was trained with, when it is not one of fastadapt's."""
+    name = state.get("model_class") or ""
+    if not name or name.startswith("fastadapt."):
+        return ""
+    return (f"; the run was trained on a network of your own ({name}): load it in Python with "
+            f"Predictor.load(run, learner=...) or Trainer(...).resume(run), giving a learner on that network")

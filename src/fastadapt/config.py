@@ -148,16 +148,20 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The network: conv4 with ``hidden`` filters and ``pool`` (``"max"`` or ``"stride"``; by
-    image size), the reference code's config list ``network``, and the dtype of the weights."""
+    image size) and ``outputs`` head units (None: ``n_way``), the reference code's config list
+    ``network``, and the dtype of the weights."""
 
     hidden: Optional[int] = None
     pool: Optional[str] = None
     network: Any = None
     dtype: str = "float32"
+    outputs: Optional[int] = None  # conv4's head; None: the episodes' n_way
 
     def check(self) -> None:
         if self.hidden is not None:
             _integer("hidden", self.hidden, "ModelConfig.hidden", positive=True)
+        if self.outputs is not None:
+            _integer("outputs", self.outputs, "ModelConfig.outputs", positive=True)
         if self.pool not in (None, "max", "stride"):
             raise ConfigError("pool", f"must be 'max' or 'stride', got {self.pool!r}", "ModelConfig.pool")
         if self.dtype not in ("float32", "float64"):

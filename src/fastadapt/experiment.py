@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import algorithms, data, models
-from .checkpoint import find_checkpoint, load_checkpoint
+from .checkpoint import built_in_python, find_checkpoint, load_checkpoint
 from .config import SECTIONS, ConfigError, RunConfig
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1), as flat keys.
@@ -143,7 +143,7 @@ def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=
         learner.load_state_dict(state["model"])
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit the model its config describes "
-                         f"({str(error).splitlines()[-1].strip()})") from error
+                         f"({str(error).splitlines()[-1].strip()}){built_in_python(state)}") from error
     return Run(path, state, config, learner.to(config.training.device))
 
 
@@ -240,7 +240,8 @@ def build_model(c: RunConfig):
         return models.mlp()
     if c.model.network is not None:  # the reference code's config list, with its initialisation
         return models.reference_init_(models.Learner(c.model.network))
-    return models.conv4(c.data.channels, c.data.n_way, c.model.hidden, c.data.image_size, c.model.pool)
+    return models.conv4(c.data.channels, c.model.outputs or c.data.n_way, c.model.hidden, c.data.image_size,
+                        c.model.pool)
 
 
 def build_learner(c: RunConfig, model=None):

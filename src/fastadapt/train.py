@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import built_in_python, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .evaluate import evaluate
 from .version import __version__
@@ -106,6 +106,10 @@ def stop_on_signals(trainer, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGH
             signal.signal(number, old)
 
 
+def _class_name(module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def run_config(config, learner) -> RunConfig:
     """A ``RunConfig`` from one, or from a flat or nested dict (``dict(meta_lr=1e-3, steps=50)``),
     with its training settings and the options of ``learner``'s algorithm checked."""
@@ -123,6 +127,7 @@ class Trainer:
                  writer=None, transform=None, class_names=None, overwrite: bool = False):
         self.learner, self.tasks = learner, tasks
         self.config = run_config(config, learner)
+        self._record_model()
         t = self.training = self.config.training
         # What turned files into the training tensors, and the training classes: stored in every
         # checkpoint so prediction reads a user's files the same way. By default the task
@@ -156,6 +161,17 @@ class Trainer:
         self.stop_request: Optional[tuple] = None  # (reason, exit code), set by request_stop
         self._tasks_state = tasks.state_dict()
 
+    def _record_model(self) -> None:
+        """Make the configuration describe the network the learner holds, so that a run made in
+        Python (any conv4) is rebuilt by ``eval``, ``predict`` and ``--resume`` as it was."""
+        spec = getattr(getattr(self.learner, "model", None), "spec", None)
+        if not isinstance(spec, dict) or self.config.model.network is not None:
+            return
+        d, m = self.config.data, self.config.model
+        d.channels, d.image_size = spec["in_channels"], spec["image_size"]
+        m.hidden, m.pool = spec["hidden"], spec["pool"]
+        m.outputs = None if spec["n_way"] == d.n_way else spec["n_way"]
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {
@@ -166,6 +182,7 @@ class Trainer:
             "validated_step": self.validated_step, "first_loss": self.first_loss,
             "transform": self.transform.to_dict() if self.transform is not None else None,
             "class_names": self.class_names, "budget_used": self.budget_used,
+            "model_class": _class_name(getattr(self.learner, "model", self.learner)),
         }
 
     def save(self, name: str = "last.pt") -> Optional[Path]:
@@ -200,7 +217,11 @@ class Trainer:
     def resume(self, path) -> None:
         state = load_checkpoint(path)
         self.resumed = True
-        self.learner.load_state_dict(state["model"])
+        try:
+            self.learner.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{path}: its weights do not fit this learner ({str(error).splitlines()[-1].strip()})"
+                             f"{built_in_python(state)}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])

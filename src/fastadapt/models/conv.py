@@ -57,6 +57,8 @@ class Conv4(nn.Module):
             out_features = hidden * size * size
         self.pool = pool
         self.out_features = out_features
+        # what rebuilds it: a run trained in Python records these in its configuration
+        self.spec = dict(in_channels=in_channels, n_way=n_way, hidden=hidden, image_size=image_size, pool=pool)
         self.features = nn.Sequential(*blocks)
         self.head = nn.Linear(out_features, n_way)
 
