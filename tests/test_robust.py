@@ -388,3 +388,18 @@ def test_a_zip_bomb_checkpoint_is_refused_before_it_is_inflated(tmp_path, capsys
     assert "refused: its records inflate to 200 MiB" in err and "bomb.pt" in err
     with pytest.raises(ValueError, match="inflate to 200 MiB"):
         load_checkpoint(path)
+
+
+def test_options_that_mean_nothing_for_the_algorithm_or_data_are_warned_about(tmp_path, capsys):
+    args = [*TINY_ARGS, "--steps", "1", "--algo", "protonet", "--inner-lr", "0.2", "--first-order"]
+    assert main(["train", *args, "--out", str(tmp_path / "proto")]) == 0
+    err = capsys.readouterr().err
+    assert "--inner-lr means nothing for protonet (it takes no inner gradient steps); it is ignored" in err
+    assert "--first-order means nothing for protonet" in err
+    assert main(["train", "--preset", "sinusoid", "--n-way", "3", "--steps", "1", "--val-episodes", "2",
+                 "--test-episodes", "2", "--quiet", "--out", str(tmp_path / "sin")]) == 0
+    assert "--n-way means nothing for sinusoid" in capsys.readouterr().err
+    assert main(["train", *TINY_ARGS, "--steps", "1", "--rotations", "--out", str(tmp_path / "glyphs")]) == 2
+    assert "--rotations is not an option of data set 'glyphs'" in capsys.readouterr().err
+    assert main(["train", *TINY_ARGS, "--steps", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert "means nothing" not in capsys.readouterr().err

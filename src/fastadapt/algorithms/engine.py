@@ -91,6 +91,7 @@ class MetaLearner(nn.Module):
     summary: ClassVar[str] = ""
     options: ClassVar[Tuple[Option, ...]] = ()
     extends: ClassVar[Tuple[str, ...]] = ()  # algorithms whose configurations may set this one's options
+    ignores: ClassVar[Dict[str, str]] = {}   # shared settings that mean nothing here: flat key -> why
 
     @classmethod
     def from_base_config(cls, model: nn.Module, config, base: type) -> "MetaLearner":

@@ -21,6 +21,8 @@ class ProtoNet(MetaLearner):
     name = "protonet"
     summary = "Prototypical Networks (Snell et al. 2017)"
     classifies_only = True
+    ignores = {"inner_lr": "it takes no inner gradient steps", "first_order": "it takes no inner gradient steps",
+               "inner_steps": "its adaptation is the prototypes", "inner_steps_test": "its adaptation is the prototypes"}
 
     @classmethod
     def from_config(cls, model, config):

@@ -22,6 +22,8 @@ class Reptile(MetaLearner):
 
     name = "reptile"
     summary = "Reptile (Nichol et al. 2018)"
+    ignores = {"first_order": "it never differentiates through the inner loop",
+               "meta_lr": "its outer step size is --outer-lr"}
     options = (Option("outer_lr", float, "Reptile's outer step size (default 1.0)", positive=True),
                Option("inner_optimizer", str, "Reptile's inner optimiser (default sgd)", choices=("sgd", "adam")))
 

@@ -177,7 +177,20 @@ def config_from(args) -> RunConfig:
     if config.rl.env is not None:
         from ..rl import experiment as rl_experiment
         rl_experiment.check(config)
+    else:
+        _warn_ignored(given, config, getattr(args, "flags", {}))
     return config
+
+
+def _warn_ignored(given: dict, config: RunConfig, flag_of: dict) -> None:
+    """One warning per option given on the command line that the algorithm or the data set ignores."""
+    import warnings
+    owners = ((config.algorithm.name, algorithms.registered()[config.algorithm.name].ignores),
+              (config.data.dataset, data.source(config.data.dataset).ignores))
+    for name, ignores in owners:
+        for key in sorted(set(given) & set(ignores)):
+            warnings.warn(f"{flag_of.get(key, '--' + key.replace('_', '-'))} means nothing for {name} "
+                          f"({ignores[key]}); it is ignored", stacklevel=3)
 
 
 def describe(config: RunConfig) -> str:

@@ -130,6 +130,10 @@ class GlyphsSource(DataSource):
     summary = "synthetic Omniglot-like characters, generated offline (the default)"
     options = (Option("glyph_classes", int, "Glyphs: training characters (default 200)", positive=True),)
     needs_root = False
+    ignores = {"root": "Glyphs are drawn, not read", "download": "Glyphs are drawn, not read",
+               "train_split": "Glyphs have their own train/val/test characters",
+               "val_split": "Glyphs have their own train/val/test characters",
+               "test_split": "Glyphs have their own train/val/test characters"}
 
     @classmethod
     def default_transform(cls, config):

@@ -51,6 +51,7 @@ class DataSource:
     loss: ClassVar[str] = "cross_entropy"      # "mse": regression tasks
     network: ClassVar[str] = "conv4"           # the model family the run builds: conv4 or mlp
     protocols: ClassVar[Dict[str, str]] = {}   # evaluation protocols of its own: name -> help
+    ignores: ClassVar[Dict[str, str]] = {}     # shared settings that mean nothing here: flat key -> why
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
