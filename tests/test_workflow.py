@@ -315,3 +315,21 @@ def test_runs_made_in_python_work_from_the_command_line(tmp_path, capsys):
         assert main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "a network of your own" in err[0] and "Tiny" in err[0], err
+
+
+def test_a_folder_run_predicts_on_files_like_its_own_training_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            for i in range(4):
+                write_png(tmp_path / "data" / split / f"{split}{c}" / f"{i}.png",
+                          rng.integers(0, 255, (20, 20), dtype=np.uint8))   # grey files, read as RGB
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--root", str(tmp_path / "data"), "--hidden", "8", "--n-way", "3",
+                 "--k-query", "2", "--task-batch", "2", "--inner-steps", "1", "--steps", "1", "--val-episodes", "2",
+                 "--test-episodes", "2", "--quiet", "--out", str(run)]) == 0
+    assert load_checkpoint(run / "last.pt")["transform"]["convert_channels"] is True
+    capsys.readouterr()
+    support, query = tmp_path / "data" / "val", tmp_path / "data" / "val" / "val0"
+    assert main(["predict", str(run), "--support", str(support), "--query", str(query)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 4

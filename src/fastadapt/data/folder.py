@@ -43,7 +43,7 @@ class ImageFolder(ImageSet):
                 raise ValueError(f"ImageFolder: class folder {root / name} holds no image files")
             files += members
             labels += [label] * len(members)
-        transform = ImageTransform(image_size, channels, invert=invert)
+        transform = ImageTransform(image_size, channels, invert=invert, convert_channels=not strict_channels)
         images, kept = load_images([(str(p), p.read_bytes) for p in files], transform, on_error, strict_channels)
         targets = torch.tensor([labels[i] for i in kept], dtype=torch.long)
         counts = torch.bincount(targets, minlength=len(classes))

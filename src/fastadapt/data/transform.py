@@ -38,6 +38,9 @@ class ImageTransform:
     - ``background``: ``"dark"`` or ``"light"``, the polarity of the training images as the
       network saw them (after inversion), or None where it means nothing (photographs). Prediction
       warns when a support set's polarity disagrees.
+    - ``convert_channels``: grey files were converted to ``channels`` (or colour ones to grey)
+      when the training set was read, so prediction converts them the same way; otherwise an
+      image of another channel count is refused, naming its mode.
     """
 
     image_size: int
@@ -48,6 +51,7 @@ class ImageTransform:
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     background: Optional[str] = None
+    convert_channels: bool = False
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size <= 0:
@@ -133,8 +137,10 @@ class ImageTransform:
         return x
 
     def decode_all(self, images: Sequence[ImageLike], sources: Optional[Sequence[str]] = None,
-                   strict_channels: bool = True) -> torch.Tensor:
-        """Files, bytes or PIL images -> the stored uint8 images ``[N, C, H, W]``."""
+                   strict_channels: Optional[bool] = None) -> torch.Tensor:
+        """Files, bytes or PIL images -> the stored uint8 images ``[N, C, H, W]``; an image of another
+        channel count is converted if the training set's were (``convert_channels``), else refused."""
+        strict_channels = not self.convert_channels if strict_channels is None else strict_channels
         images = list(images)
         sources = list(sources) if sources is not None else [None] * len(images)
         if not images:
@@ -143,7 +149,7 @@ class ImageTransform:
                                           for image, source in zip(images, sources)]))
 
     def load(self, images: Sequence[ImageLike], sources: Optional[Sequence[str]] = None,
-             strict_channels: bool = True) -> torch.Tensor:
+             strict_channels: Optional[bool] = None) -> torch.Tensor:
         """Files or PIL images -> network input ``[N, C, H, W]``, as the data set's sampler makes it."""
         return self.to_tensor(self.decode_all(images, sources, strict_channels))
 
