@@ -349,3 +349,35 @@ def test_omniglot_download_fetches_verifies_and_extracts(http_folder, tmp_path, 
     (served / "images_background_small1.zip").write_bytes(source.read_bytes())
     with pytest.raises(ValueError, match="checksum mismatch"):
         Omniglot(tmp_path / "root", "background_small1", download=True)
+
+
+def test_images_of_any_mode_and_depth_are_converted_by_value_range_or_refused_by_their_mode():
+    import io
+    from PIL import Image
+    from fastadapt.data import ImageTransform
+    grey = ImageTransform(8, 1)
+    levels = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    eight = np.rint(levels / 257).astype(np.uint8)
+
+    def encoded(image, fmt, **kw):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **kw)
+        return buffer.getvalue()
+
+    np.testing.assert_array_equal(grey.decode(encoded(Image.fromarray(levels), "PNG"), "16.png", True)[0], eight)
+    floats = Image.fromarray((eight / 255).astype(np.float32), mode="F")
+    assert np.abs(grey.decode(encoded(floats, "TIFF"), "f.tif", True)[0].astype(int) - eight).max() <= 1
+    webp = encoded(Image.fromarray(eight).convert("RGB"), "WEBP", lossless=True)   # WebP has no grey mode
+    assert Image.open(io.BytesIO(webp)).mode == "RGB"
+    np.testing.assert_array_equal(grey.decode(webp, "g.webp", True)[0], eight)
+    drawing = np.zeros((8, 8, 4), np.uint8)
+    drawing[2:4, 2:4] = [0, 0, 0, 255]   # black strokes on a transparent background: strokes on white paper
+    decoded = grey.decode(Image.fromarray(drawing, "RGBA"), "t.png", True)[0]
+    assert decoded[0, 0] == 255 and decoded[2, 2] == 0
+    colour = np.zeros((8, 8, 4), np.uint8)
+    colour[..., 0], colour[..., 3] = 200, 255
+    with pytest.raises(ValueError, match=r"c.png: image has 3 channel\(s\) \(RGBA: colour with alpha\), expected 1"):
+        grey.decode(Image.fromarray(colour, "RGBA"), "c.png", True)
+    palette = Image.fromarray(colour[..., :3]).convert("P")
+    with pytest.raises(ValueError, match=r"image has 3 channel\(s\) \(P: palette\)"):
+        grey.decode(palette, "p.png", True)

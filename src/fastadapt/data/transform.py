@@ -19,6 +19,44 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GREY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
+_MODE_NAMES = {"RGBA": "RGBA: colour with alpha", "LA": "LA: grey with alpha", "P": "P: palette",
+               "PA": "PA: palette with alpha", "CMYK": "CMYK", "YCbCr": "YCbCr", "RGB": "RGB", "L": "L: grey"}
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` with 8-bit channels, converted by value range rather than clipped: 16-bit grey is
+    divided by 257, 32-bit integers likewise when they exceed 255, floats in [0, 1] scaled by 255
+    (others clipped to [0, 255]); transparent pixels are laid on white (drawings on a transparent
+    background read as drawings on paper), and the result is grey when its colours are; palette
+    images become their colours."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        elif img.mode == "F" and values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        white = Image.new(img.mode, img.size, (255,) * len(img.mode))
+        flat = Image.alpha_composite(white.convert("RGBA"), img.convert("RGBA")).convert("RGB")
+        array = np.asarray(flat)
+        grey = img.mode == "LA" or ((array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all())
+        return flat.convert("L") if grey else flat   # grey strokes with alpha are a grey image
+    return img
+
+
+def _channels_of(img: Image.Image) -> int:
+    """1 for a grey image, 3 for colour; a WebP file (a format with no grey mode, so Pillow decodes
+    a grey one as RGB) whose three channels are equal everywhere counts as grey."""
+    if img.mode in _GREY_MODES:
+        return 1
+    if img.mode == "RGB" and getattr(img, "format", None) == "WEBP":
+        array = np.asarray(img)
+        if (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
+            return 1
+    return 3
 _RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
                "box": Image.Resampling.BOX}
@@ -117,9 +155,11 @@ class ImageTransform:
             raise ValueError(f"{source}: cannot decode image ({error})") from error
 
     def _decode_pil(self, img: Image.Image, source: str, strict_channels: bool) -> np.ndarray:
-        native = 1 if img.mode in _GREY_MODES else 3
-        if strict_channels and native != self.channels:
-            raise ValueError(f"{source}: image has {native} channel(s) ({img.mode}), expected {self.channels}")
+        mode, img = img.mode, _eight_bit(img)
+        native = _channels_of(img) if strict_channels else self.channels
+        if native != self.channels:
+            raise ValueError(f"{source}: image has {native} channel(s) ({_MODE_NAMES.get(mode, mode)}), "
+                             f"expected {self.channels}")
         img = img.convert("L" if self.channels == 1 else "RGB")
         if img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
