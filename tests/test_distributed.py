@@ -26,6 +26,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_pair(fn, args_after_port, tmp_path):
+    """Two spawned gloo processes; run once more, in a fresh folder and on a fresh port, if one
+    was aborted by a C++ ``terminate`` (SIGABRT). Seen once in about a dozen full-suite runs of
+    the equality test, in gloo, and not reproduced in six runs beside a busy process; any other
+    failure, or an abort twice, fails the test."""
+    for attempt in range(2):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        try:
+            mp.spawn(fn, args=(2, free_port(), *args_after_port(folder)), nprocs=2)
+            return folder
+        except mp.ProcessExitedException as error:
+            if attempt or error.signal_name != "SIGABRT":
+                raise
+            print(f"a spawned process aborted ({error}); running the pair once more")
+
+
 def join(rank, world, port, timeout_s):
     """Join a gloo group as torchrun would have set it up for this spawned process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -59,7 +76,7 @@ def worker(rank, world, port, out_dir, result):
 
 
 def test_two_processes_equal_one_process_and_an_interrupted_pair_resumes_to_the_same(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "result")), nprocs=2)
+    tmp_path = spawn_pair(worker, lambda folder: (str(folder), str(folder / "result")), tmp_path)
     single, single_scores = train(tmp_path / "one")
     for rank in (0, 1):
         result = torch.load(tmp_path / f"result.{rank}", weights_only=True)
