@@ -12,6 +12,7 @@ of the unclipped sample, as usual). Needs ``pip install 'fastadapt[rl]'``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -27,7 +28,32 @@ def gymnasium():
         import gymnasium as gym
     except ImportError:
         raise RuntimeError(f"this environment needs gymnasium: {INSTALL}") from None
+    _quiet_mujoco()
     return gym
+
+
+_MUJOCO_SEEN: set = set()
+
+
+def _quiet_mujoco() -> None:
+    """MuJoCo prints each of its warnings for every model it compiles and appends them to
+    MUJOCO_LOG.TXT in the working folder: gymnasium's HalfCheetah file draws a deprecation warning,
+    so a meta-batch of 800 environments printed 800 lines and grew a log in the user's folder.
+    Each distinct MuJoCo warning becomes one Python warning instead (unless the program installed
+    its own handler)."""
+    try:
+        import mujoco
+    except ImportError:
+        return
+    if mujoco.get_mju_user_warning() is not None:
+        return
+
+    def handler(message: str) -> None:
+        if message not in _MUJOCO_SEEN:
+            _MUJOCO_SEEN.add(message)
+            warnings.warn(f"MuJoCo: {message}", stacklevel=2)
+
+    mujoco.set_mju_user_warning(handler)
 
 
 class GymTaskFamily(TaskFamily):
