@@ -61,6 +61,29 @@ def grads_of(loss, model):
     return torch.autograd.grad(loss, list(model.parameters()))
 
 
+class SignalAt:
+    """Wraps a task source or a list of fixed tasks: sends ``sig`` to this process when item ``n``
+    is drawn, once per test (the resumed run draws again without a signal)."""
+
+    fired = False
+
+    def __init__(self, items, n, sig):
+        self.items, self.n, self.sig = items, n, sig
+
+    def __iter__(self):
+        for i, item in enumerate(self.items):
+            if i == self.n and not SignalAt.fired:
+                SignalAt.fired = True
+                os.kill(os.getpid(), self.sig)
+            yield item
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, dataset
+        return getattr(self.items, name)
+
+
 class InterruptAfter:
     """A task source that raises KeyboardInterrupt on draw number ``n + 1``."""
 

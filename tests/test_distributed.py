@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from fastadapt import distributed, experiment
 from fastadapt.evaluate import evaluate
 from fastadapt.train import Trainer
-from helpers import InterruptAfter
+from helpers import InterruptAfter, SignalAt
 
 CONFIG = dict(dataset="glyphs", glyph_classes=12, hidden=8, n_way=3, k_shot=1, k_query=2, task_batch=16,
               inner_steps=1, inner_steps_test=2, steps=20, eval_every=10, log_every=5, val_episodes=14,
@@ -173,26 +173,6 @@ def test_a_silent_rank_makes_the_others_fail_within_the_timeout(tmp_path):
     assert int(outcome.split()[2].rstrip("s:")) < 12
 
 
-class _SignalSelfAt:
-    """A task stream that sends SIGTERM to this process when batch ``n`` is drawn."""
-
-    def __init__(self, tasks, n):
-        self.tasks, self.n = tasks, n
-
-    def __iter__(self):
-        import signal
-        for i, batch in enumerate(self.tasks):
-            if i == self.n:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-
-    def state_dict(self):
-        return self.tasks.state_dict()
-
-    def load_state_dict(self, state):
-        self.tasks.load_state_dict(state)
-
-
 def signal_worker(rank, world, port, out_dir, result):
     """Rank 1 alone gets SIGTERM at its fourth meta-batch: both ranks must stop cleanly, and rank 0 saves."""
     from fastadapt.train import Stopped, stop_on_signals
@@ -202,7 +182,8 @@ def signal_worker(rank, world, port, out_dir, result):
     torch.manual_seed(c.training.seed)
     learner = experiment.build_learner(c)
     sources = experiment.build_data(c, splits=("train", "val"))
-    tasks = _SignalSelfAt(sources["train"], 3) if rank == 1 else sources["train"]
+    import signal
+    tasks = SignalAt(sources["train"], 3, signal.SIGTERM) if rank == 1 else sources["train"]
     trainer = Trainer(learner, tasks, c, out_dir, sources["val"], ctx)
     outcome = "finished"
     with stop_on_signals(trainer):

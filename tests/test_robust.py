@@ -17,34 +17,12 @@ from fastadapt import Trainer, experiment
 from fastadapt.checkpoint import RunLock, load_checkpoint, save_checkpoint
 from fastadapt.cli import main
 from fastadapt.cli.train import _default_run_folder
+from helpers import SignalAt
 
 TINY_ARGS = ["--dataset", "glyphs", "--glyph-classes", "12", "--hidden", "8", "--n-way", "3", "--k-spt", "1",
              "--k-qry", "2", "--task-num", "2", "--update-step", "1", "--update-step-test", "2", "--epoch", "6",
              "--eval-every", "3", "--log-every", "1", "--val-episodes", "4", "--test-episodes", "4", "--quiet",
              "--cosine"]
-
-
-class SignalAt:
-    """Wraps a task source or a list of fixed tasks: sends ``sig`` to this process when item ``n``
-    is drawn, once per test (the resumed run draws again without a signal)."""
-
-    fired = False
-
-    def __init__(self, items, n, sig):
-        self.items, self.n, self.sig = items, n, sig
-
-    def __iter__(self):
-        for i, item in enumerate(self.items):
-            if i == self.n and not SignalAt.fired:
-                SignalAt.fired = True
-                os.kill(os.getpid(), self.sig)
-            yield item
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getattr__(self, name):  # state_dict, load_state_dict, dataset
-        return getattr(self.items, name)
 
 
 def without_warnings(err: str) -> str:

@@ -11,9 +11,10 @@ backtracking line search keeps the mean KL under ``max_kl`` while the surrogate 
 alternative ``outer="ppo"`` takes clipped-surrogate Adam steps instead (first order in the outer
 step's curvature; still through the adaptation).
 
-The Hessian-vector products are exact and cheap: the KL and its gradient (with a graph) are
-built once per iteration, and each product is one more backward pass through that graph
-(``hvp_fraction`` < 1 builds it on that share of each task's query trajectories, a common TRPO
+The Hessian-vector products are exact and cheap: at the current policy the KL's Hessian is
+``J^T M J`` (``kl_hvp``), whose graphs are built once per iteration, so a product is a
+Jacobian-vector and a vector-Jacobian product with no third derivative of the inner loss
+(``hvp_fraction`` < 1 builds them on that share of each task's trajectories, a common TRPO
 option). Sampling adds no graph: trajectories are constants of the meta-gradient, as in the
 paper (not the DiCE / ProMP estimator).
 """
@@ -254,20 +255,6 @@ class MAMLTRPO(nn.Module):
         mask = part.mask.flatten(1, 2)
         weights = mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
         return out, old, weights
-
-    def kl_hvp_exact(self, support, query, old_out):
-        """``v -> (H + damping I) v`` with H the Hessian of the mean KL, by differentiating the
-        KL's gradient again (a reference for ``kl_hvp``: it takes third derivatives of the inner
-        loss, several times slower)."""
-        out, old, weights = self._kl_graph(support, query, old_out)
-        kl = (self.policy.kl(old, out) * weights).sum()
-        params = list(self.parameters())
-        grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, params, create_graph=True)])
-
-        def product(vector):
-            hv = torch.autograd.grad(grads @ vector, params, retain_graph=True)
-            return torch.cat([h.reshape(-1) for h in hv]) + self.cg_damping * vector
-        return product
 
     def kl_hvp(self, support, query, old_out):
         """A function ``v -> (H + damping I) v`` with H the Hessian of the mean KL w.r.t. the
