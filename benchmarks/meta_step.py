@@ -12,9 +12,12 @@ medians and their ratio from one run. Peak memory is measured in a fresh subproc
 ``torch.cuda.max_memory_allocated`` on GPU, on CPU (Linux) the growth of the resident set's
 high-water mark during one call.
 
-``--contention N`` runs N busy processes beside the timing, as on a shared machine.
+``--contention N`` runs N busy processes beside the timing, as on a shared machine. ``--tuned``
+gives fastadapt's side the thread count ``fastadapt train`` uses by default (``ThreadTuner``: it
+times its first iterations at each count, which are run before the timed ones, and keeps the
+fastest); the loop keeps torch's default count (or ``--threads``).
 
-    python benchmarks/meta_step.py [--device cuda] [--reps 5] [--compile] [--contention N] [--threads N]
+    python benchmarks/meta_step.py [--device cuda] [--reps 5] [--compile] [--contention N] [--threads N] [--tuned]
 """
 
 from __future__ import annotations
@@ -105,6 +108,29 @@ def make_runners(device, compile_step=False):
     return runners
 
 
+def tuned(step):
+    """``step`` under a ``ThreadTuner``, as ``fastadapt train`` runs without ``--threads``; its
+    trial iterations run here, untimed. Outside the step torch's count is restored."""
+    from fastadapt.threads import ThreadTuner
+    default = torch.get_num_threads()
+    tuner = ThreadTuner()
+    chosen = [torch.get_num_threads()]
+
+    def run():
+        torch.set_num_threads(chosen[0])
+        start = time.perf_counter()
+        result = step()
+        tuner.step(time.perf_counter() - start)
+        chosen[0] = torch.get_num_threads()
+        torch.set_num_threads(default)
+        return result
+
+    while tuner.chosen is None:
+        run()
+    run.tuner = tuner
+    return run
+
+
 def max_difference(a, b):
     if isinstance(a, torch.Tensor):
         a, b = [a], [b]
@@ -155,6 +181,8 @@ def main():
     parser.add_argument("--contention", type=int, default=0, metavar="N",
                         help="run N busy processes beside the timing (CPU: a shared machine)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--tuned", action="store_true",
+                        help="fastadapt's side with the thread count fastadapt train chooses by default")
     parser.add_argument("--tasks", type=int, default=32, help="tasks per meta-batch (default 32)")
     parser.add_argument("--only", help="time only the settings whose name contains this")
     args = parser.parse_args()
@@ -165,7 +193,8 @@ def main():
         start_contention(args.contention)
 
     print(f"fastadapt {fastadapt.__version__}, torch {torch.__version__}, device {args.device}, "
-          f"{torch.get_num_threads()} threads, {args.contention} busy processes beside")
+          f"{torch.get_num_threads()} threads" + (" (fastadapt: tuned)" if args.tuned else "")
+          + f", {args.contention} busy processes beside")
     print(f"conv4-64, 28x28, {N_WAY}-way {K_SHOT}-shot, {K_QUERY} queries/class, {TASKS} tasks, "
           f"{STEPS} inner steps, lr {LR}\n")
     header = f"{'setting':34s} {'fastadapt s':>11s} {'loop s':>8s} {'speed-up':>8s} {'max |diff|':>10s}"
@@ -180,6 +209,8 @@ def main():
             ours()
             sync(args.device)
             print(f"  (compiling took {time.perf_counter() - t:.0f} s)")
+        if args.tuned:
+            ours = tuned(ours)
         difference = max_difference(ours(), loop())
         times = {"ours": [], "loop": []}
         for _ in range(args.reps):
@@ -191,6 +222,8 @@ def main():
                 times[key].append(time.perf_counter() - t)
         ours_s, loop_s = statistics.median(times["ours"]), statistics.median(times["loop"])
         line = f"{name:34s} {ours_s:11.3f} {loop_s:8.3f} {loop_s / ours_s:7.2f}x {difference:10.1e}"
+        if args.tuned:
+            line += f"  (fastadapt at {ours.tuner.chosen} threads)"
         if not args.no_memory:
             line += f" {peak_memory(args.device, name, 0):13.0f} {peak_memory(args.device, name, 1):8.0f}"
         print(line, flush=True)

@@ -15,6 +15,7 @@ from PIL import Image
 from helpers import TINY_ARGS, shared_data, write_png
 from fastadapt import Predictor, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastadapt.algorithms import forward
 from fastadapt.cli import main
 from fastadapt.data import EpisodeSampler, Glyphs, ImageTransform
 from fastadapt.data import source as data_source
@@ -89,7 +90,8 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
     steps = config.algorithm.inner_steps_test
     evaluated = learner.fine_tune(batch, inner_steps=steps).task_accuracy[:, -1]
     reported = evaluate(learner, [batch], steps)
-    predictor = Predictor.load(run, device="cpu", bn_statistics=bn_statistics)
+    # evaluation's transductive protocol: the queries of a task normalised together
+    predictor = Predictor.load(run, device="cpu", bn_statistics=bn_statistics, query_statistics="batch")
     accuracies = []
     for task, answers in enumerate(truth):
         folder = tmp_path / "files" / f"task{task}"
@@ -104,7 +106,8 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
         accuracies.append(correct / len(answers))
         assert abs(accuracies[-1] - float(evaluated[task])) < 1e-6
 
-        args = ["predict", str(run), "--support", str(folder / "support"), "--query", str(folder / "query")]
+        args = ["predict", str(run), "--support", str(folder / "support"), "--query", str(folder / "query"),
+                "--query-statistics", "batch"]
         if bn_statistics == "running":
             args += ["--bn-statistics", "running"]
         assert main(args) == 0
@@ -116,7 +119,8 @@ def test_predict_on_omniglot_files_equals_evaluation_on_the_same_episodes(algo, 
     # the polarity warning fires and the outputs are no longer evaluation's.
     folder = tmp_path / "files" / "task0"
     with pytest.warns(UserWarning, match="light background.*pass --invert"):
-        wrong = Predictor.load(run, device="cpu", bn_statistics=bn_statistics, invert=False).adapt(folder / "support")
+        wrong = Predictor.load(run, device="cpu", bn_statistics=bn_statistics, invert=False,
+                               query_statistics="batch").adapt(folder / "support")
     right = predictor.adapt(folder / "support").predict(folder / "query")
     # a model whose output depends on the image (its argmax may still be one class this early:
     # MAML++ in running mode after 30 iterations, with one torch thread)
@@ -200,7 +204,8 @@ def test_more_shots_and_uneven_shots(glyph_run, tmp_path):
     x = predictor.transform.load(files)
     with torch.no_grad():
         fast = predictor.learner.adapt(x, labels, inner_steps=predictor.inner_steps)
-        direct = predictor.learner.predict(fast, predictor.transform.load(sorted(query.glob("*.png")))).argmax(-1)
+        queries = predictor.transform.load(sorted(query.glob("*.png")))
+        direct = predictor.learner.predict(fast, queries, reference=x).argmax(-1)
     assert prediction.labels.tolist() == direct.tolist()
 
 
@@ -296,3 +301,88 @@ def test_image_transform_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="nowhere.png: cannot read"):
         transform.decode(tmp_path / "nowhere.png")
     assert ImageTransform(28, invert=True).decode(dot).tolist() == [[[255] * 28] * 28]
+
+
+# ---------------------------------------------------------------- which images are normalised together
+
+
+def test_reference_rows_normalise_with_the_reference_statistics_only():
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(10, 3, 4, 4) * 3 + 1
+    with forward.applied(norm, forward.ForwardPolicy(reference_rows=4)):
+        out = norm(x)
+    mean, var = x[:4].mean((0, 2, 3)), x[:4].var((0, 2, 3), unbiased=False)
+    shape = (1, 3, 1, 1)
+    expected = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + norm.eps) * norm.weight.view(shape) \
+        + norm.bias.view(shape)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(norm.running_mean, torch.zeros(3)) and torch.equal(norm.running_var, torch.ones(3))
+    with pytest.raises(ValueError, match="reference_rows"):
+        forward.ForwardPolicy(reference_rows=0)
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet", "anil"])
+def test_predict_with_a_reference_makes_each_output_depend_on_its_own_row(algo):
+    torch.manual_seed(0)
+    learner = experiment.build_learner(experiment.resolve(dict(dataset="glyphs", algo=algo, hidden=8, n_way=3)))
+    support_x, support_y = torch.rand(2, 3, 1, 28, 28), torch.arange(3).repeat(2, 1)
+    queries = torch.rand(2, 5, 1, 28, 28)
+    with torch.no_grad():
+        fast = learner.adapt(support_x, support_y, inner_steps=1)
+        together = learner.predict(fast, queries, reference=support_x)
+        for task in range(2):
+            one = {name: w[task] for name, w in fast.items()}
+            alone = torch.cat([learner.predict(one, queries[task, i:i + 1], reference=support_x[task])
+                               for i in range(5)])
+            torch.testing.assert_close(alone, together[task], rtol=1e-4, atol=1e-5)
+        # under batch statistics the other queries change an output
+        batch = learner.predict({n: w[0] for n, w in fast.items()}, queries[0])
+        single = learner.predict({n: w[0] for n, w in fast.items()}, queries[0, :1])
+    assert (batch[:1] - single).abs().max() > 1e-3
+
+
+def test_a_query_is_classified_the_same_alone_as_in_a_folder(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path, queries=3)
+    files = sorted(query.glob("*.png"))
+    predictor = Predictor.load(glyph_run, device="cpu").adapt(support)
+    assert predictor.mode == "support"
+    together = predictor.predict(query)
+    assert together.mode == "support"
+    alone = torch.cat([predictor.predict(path).probabilities for path in files])
+    torch.testing.assert_close(alone, together.probabilities, rtol=1e-4, atol=1e-5)
+
+    transductive = Predictor.load(glyph_run, device="cpu", query_statistics="batch").adapt(support)
+    assert transductive.mode == "batch"
+    changed = torch.cat([transductive.predict(path).probabilities for path in files])
+    assert (changed - transductive.predict(query).probabilities).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="query_statistics must be one of support, batch"):
+        Predictor.load(glyph_run, device="cpu", query_statistics="query")
+
+    capsys.readouterr()
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(files[0])]) == 0
+    single = capsys.readouterr()
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query)]) == 0
+    folder = capsys.readouterr()
+    assert single.out.splitlines()[1] in folder.out.splitlines()
+    assert f"{glyph_run / 'best.pt'} (step 4)" in single.err
+    assert "each query with the support set's statistics" in single.err
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query),
+                 "--query-statistics", "batch"]) == 0
+    assert "together (transductive" in capsys.readouterr().err
+
+
+def test_predict_input_errors_name_the_argument(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path)
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--steps", "-1"]) == 2
+    assert "--steps must be a non-negative integer, got -1" in capsys.readouterr().err
+    predictor = Predictor.load(glyph_run, device="cpu")
+    with pytest.raises(ValueError, match="support mapping has no classes"):
+        predictor.adapt({})
+    with pytest.raises(ValueError, match="support tensor holds no images"):
+        predictor.adapt(torch.zeros(0, 1, 28, 28), labels=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="inner_steps must be a non-negative integer"):
+        Predictor.load(glyph_run, device="cpu", inner_steps=True)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -381,3 +382,89 @@ def test_options_that_mean_nothing_for_the_algorithm_or_data_are_warned_about(tm
     assert "--rotations is not an option of data set 'glyphs'" in capsys.readouterr().err
     assert main(["train", *TINY_ARGS, "--steps", "1", "--out", str(tmp_path / "plain")]) == 0
     assert "means nothing" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- full disks, read-only folders, damaged zips
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
+    before = (run / "last.pt").read_bytes()
+    import fastadapt.checkpoint as checkpoint
+
+    def full(payload, out):  # what torch.save raises when the disk fills under it
+        out.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 165440 vs 165336")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=4096))
+    with pytest.raises(checkpoint.WriteFailed, match=r"could not write .*last.pt: the disk is full \(0.0 MiB free\); "
+                                                      r"the previous last.pt is intact"):
+        save_checkpoint({"x": 1}, run / "last.pt")
+    assert (run / "last.pt").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("fastadapt train: error: could not write") and "disk is full" in err
+
+
+@pytest.mark.parametrize("code, cause", [(30, "the file system is read-only"), (13, "no permission to write in"),
+                                         (28, "the disk is full")])
+def test_write_errors_name_the_file_and_the_cause(code, cause, tmp_path, monkeypatch, recwarn):
+    from fastadapt.checkpoint import WriteFailed, write_text, writing
+    with pytest.raises(WriteFailed, match=f"could not write {tmp_path / 'metrics.jsonl'}: {cause}"):
+        with writing(tmp_path / "metrics.jsonl"):
+            raise OSError(code, os.strerror(code))
+    with pytest.raises(ValueError, match="not a write"):  # other errors pass through untouched
+        with writing(tmp_path / "x"):
+            raise ValueError("not a write")
+    write_text(tmp_path / "config.json", "{}")
+    assert (tmp_path / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+    # a folder made read-only mid-run: the lock that cannot be removed is a warning, not the error
+    lock = RunLock(tmp_path / "held").__enter__()
+    monkeypatch.setattr(type(lock.path), "unlink", lambda self, missing_ok=False: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")))
+    lock.__exit__(None, None, None)
+    assert "could not remove" in str(recwarn.pop(UserWarning).message)
+
+
+def test_a_damaged_omniglot_zip_and_a_failed_new_run_leave_one_line_and_no_folder(tmp_path, capsys):
+    import zipfile
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = root / "images_background_small1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for c in range(3):
+            for d in range(1, 3):
+                image = io_png(np.full((105, 105), 255 if (c + d) % 2 else 0, np.uint8))
+                zf.writestr(f"images_background_small1/Alpha/character{c:02d}/{c:04d}_{d:02d}.png", image)
+    whole = archive.read_bytes()
+    args = ["train", "--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+            "--val-split", "background_small1", "--n-way", "2", "--steps", "1", "--quiet"]
+    archive.write_bytes(whole[: len(whole) // 2])  # a download cut off
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 2
+    err = capsys.readouterr().err
+    assert f"{archive} is not a readable zip file" in err and "download it again" in err
+    assert not (tmp_path / "cut").exists()
+
+    damaged = bytearray(whole)
+    start = whole.index(b"character01")  # inside the first member's local header and data
+    damaged[start:start + 40] = bytes(b ^ 0x5A for b in damaged[start:start + 40])
+    archive.write_bytes(bytes(damaged))
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert main(args + ["--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{archive}: images_background_small1/Alpha/character01" in err and "the zip is damaged" in err
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # the user's folder and file stay
+
+
+def io_png(array) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -15,21 +18,80 @@ import torch
 
 def save_checkpoint(payload: dict, path) -> Path:
     """Write ``payload`` to ``path`` via a temporary file in the same folder and an atomic rename,
-    so a crash mid-save leaves the previous checkpoint intact."""
+    so a crash mid-save (or a full disk) leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save(payload, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                torch.save(payload, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
     return path
+
+
+def write_text(path, text: str) -> Path:
+    """Write a small text file (``config.json``, ``test.json``) atomically, errors as ``writing``'s."""
+    path = Path(path)
+    with writing(path):
+        temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            temporary.write_text(text)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+    return path
+
+
+class WriteFailed(OSError):
+    """A run's file could not be written; the message names the file and the cause."""
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# torch.save reports a failed write as a RuntimeError from its zip writer, without an errno
+_TORCH_WRITER = ("PytorchStreamWriter", "inline_container", "unexpected pos")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Within the block, a failure to write ``path`` becomes one ``WriteFailed`` naming the file
+    and its cause (a full disk, a read-only file system, a folder without write permission)."""
+    path = Path(path)
+    try:
+        yield path
+    except WriteFailed:
+        raise
+    except (OSError, RuntimeError) as error:
+        code = getattr(error, "errno", None)
+        if isinstance(error, RuntimeError) and not any(mark in str(error) for mark in _TORCH_WRITER):
+            raise
+        folder = path.parent
+        try:
+            free = shutil.disk_usage(folder if folder.exists() else Path.cwd()).free
+        except OSError:
+            free = None
+        if code in _FULL or (code is None and free is not None and free < 16 * 2 ** 20):
+            cause = "the disk is full" + (f" ({free / 2 ** 20:.1f} MiB free)" if free is not None else "")
+        elif code == errno.EROFS:
+            cause = "the file system is read-only"
+        elif code in (errno.EACCES, errno.EPERM):
+            cause = f"no permission to write in {folder}"
+        elif code is not None:
+            cause = error.strerror or str(error)
+        else:
+            cause = str(error).strip().splitlines()[-1]
+        kept = f"; the previous {path.name} is intact" if path.suffix == ".pt" and path.is_file() else ""
+        failure = WriteFailed(f"could not write {path}: {cause}{kept}")
+        failure.errno = code or errno.EIO
+        raise failure from error
 
 
 def find_checkpoint(path, prefer: str = "best.pt") -> Path:
@@ -107,7 +169,11 @@ class RunLock:
         return True
 
     def __enter__(self) -> "RunLock":
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            return self._take()
+
+    def _take(self) -> "RunLock":
         for _ in range(3):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -129,9 +195,17 @@ class RunLock:
         raise RuntimeError(f"could not take {self.path}")
 
     def __exit__(self, *exc) -> None:
+        """Release the lock. One that cannot be removed (the folder became read-only) is left to
+        be taken over by the next run, which finds its process gone; the run's own error, if
+        any, is what is reported."""
         if self.held:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                warnings.warn(f"could not remove {self.path} ({error.strerror}); the next run in "
+                              f"{self.folder} takes it over", stacklevel=2)
             self.held = False
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import experiment
 from .data.transform import ImageTransform, image_files, polarity
@@ -24,12 +25,14 @@ SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
 @dataclass
 class Prediction:
     """Predictions for ``N`` images: ``labels`` ``[N]`` index ``class_names``; ``probabilities``
-    ``[N, classes]`` (softmax of the model's output); ``sources`` names the images."""
+    ``[N, classes]`` (softmax of the model's output); ``sources`` names the images; ``mode`` is
+    the predictor's BatchNorm mode (``Predictor.mode``)."""
 
     labels: torch.Tensor
     probabilities: torch.Tensor
     class_names: List[str]
     sources: List[str]
+    mode: str = "batch"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,28 +52,40 @@ class Prediction:
 class Predictor:
     """A meta-trained learner with its preprocessing, adapted to one support set at a time.
 
-    BatchNorm: by default (``bn_statistics="batch"``, the MAML paper's transductive setting)
-    each ``predict`` call normalises its images together, so give it all the queries of a task
-    at once, as evaluation does; one image alone is then normalised with its own statistics. A
-    run trained with per-step BatchNorm (``--algo mamlpp`` or ``--per-step-bn``) can be loaded
-    with ``bn_statistics="running"``, which classifies every image on its own.
+    BatchNorm: a model trained under batch statistics (the MAML paper's transductive setting) has
+    no statistics of its own to classify an image with. By default (``query_statistics="support"``)
+    every query is normalised with the statistics of the support set under the adapted weights,
+    so an image is classified the same alone or among others. ``"batch"`` normalises the images of
+    one ``predict`` call together, as ``evaluate`` scores the query set of an episode (give it all
+    the queries of a task at once). A run trained with per-step BatchNorm (``--algo mamlpp`` or
+    ``--per-step-bn``) loaded with ``bn_statistics="running"`` uses its recorded statistics instead.
+    ``mode`` says which of these applies.
     """
 
+    QUERY_STATISTICS = ("support", "batch")
+
     def __init__(self, learner, transform: ImageTransform, n_way: Optional[int], inner_steps: int,
-                 device="cpu"):
+                 device="cpu", query_statistics: str = "support"):
+        if query_statistics not in self.QUERY_STATISTICS:
+            raise ValueError(f"query_statistics must be one of {', '.join(self.QUERY_STATISTICS)}, "
+                             f"got {query_statistics!r}")
         self.learner, self.transform, self.n_way = learner, transform, n_way
         self.inner_steps, self.device = inner_steps, torch.device(device)
+        self.query_statistics = query_statistics
+        self._support_x: Optional[torch.Tensor] = None
         self.dtype = next(learner.parameters()).dtype
         self.class_names: Optional[List[str]] = None
         self._fast = None
 
     @classmethod
     def load(cls, checkpoint, device=None, inner_steps: Optional[int] = None,
-             bn_statistics: Optional[str] = None, invert: Optional[bool] = None, learner=None) -> "Predictor":
+             bn_statistics: Optional[str] = None, invert: Optional[bool] = None, learner=None,
+             query_statistics: str = "support") -> "Predictor":
         """A predictor from a checkpoint file or a run folder (its ``best.pt`` when present).
 
         ``device`` defaults to CUDA when available; ``inner_steps`` to the run's test-time steps;
-        ``invert`` overrides the stored polarity (True: files are inverted, ``255 - pixel``).
+        ``invert`` overrides the stored polarity (True: files are inverted, ``255 - pixel``);
+        ``query_statistics`` is described in the class docstring.
         A run of the command line rebuilds its learner from the stored configuration; for a model
         built in Python (``Trainer`` with your own learner) pass that ``learner`` to load into.
         """
@@ -93,9 +108,30 @@ class Predictor:
         learner = run.learner
         n_way = learner.output_classes()
         steps = config.algorithm.inner_steps_test if inner_steps is None else inner_steps
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
-        return cls(learner, transform, n_way, steps, device)
+        predictor = cls(learner, transform, n_way, steps, device, query_statistics)
+        predictor.checkpoint, predictor.step = path, state.get("step")
+        return predictor
+
+    @property
+    def mode(self) -> str:
+        """How queries are normalised: ``"support"``, ``"batch"``, ``"running"`` (recorded
+        per-step statistics) or ``"none"`` (the model has no BatchNorm)."""
+        if not any(isinstance(m, _BatchNorm) for m in self.learner.model.modules()):
+            return "none"
+        if getattr(self.learner, "bn_statistics", "batch") == "running":
+            return "running"
+        return self.query_statistics
+
+    def describe_mode(self) -> str:
+        """One line for the user: what a query's class depends on."""
+        return {"none": "the model has no BatchNorm: each image is classified on its own",
+                "running": "BatchNorm uses the run's recorded per-step statistics: each image is classified on its own",
+                "support": "BatchNorm normalises each query with the support set's statistics: each image is "
+                           "classified on its own",
+                "batch": "BatchNorm normalises the query images of one call together (transductive, as evaluation "
+                         "scores episodes): a class depends on the other images given"}[self.mode]
 
     # ------------------------------------------------------------------ reading images
     @staticmethod
@@ -112,6 +148,8 @@ class Predictor:
         if isinstance(support, torch.Tensor):
             if labels is None:
                 raise ValueError("adapt: support given as a tensor needs labels=")
+            if support.dim() == 0 or support.shape[0] == 0:
+                raise ValueError("adapt: the support tensor holds no images")
             labels = torch.as_tensor(labels, dtype=torch.long)
             if labels.shape != support.shape[:1]:
                 raise ValueError(f"adapt: labels {tuple(labels.shape)} must be [{support.shape[0]}], one per image")
@@ -127,6 +165,8 @@ class Predictor:
             support = {name: self._image_files(root / name, "class folder") for name in classes}
         if not isinstance(support, Mapping):
             raise TypeError("adapt: support must be a folder, a {class name: [images]} mapping, or a tensor")
+        if not support:
+            raise ValueError("adapt: the support mapping has no classes (expected {class name: [images]})")
         names, images, sources, targets = [], [], [], []
         for label, (name, members) in enumerate(support.items()):
             members = list(members)
@@ -163,15 +203,15 @@ class Predictor:
                              f"(its output layer has {fixed} units)")
         self.learner.use_classes(len(names))
         with torch.no_grad():
-            self._fast = self.learner.adapt(x.to(self.device, self.dtype), y.to(self.device),
-                                            inner_steps=self.inner_steps)
+            self._support_x = x.to(self.device, self.dtype)
+            self._fast = self.learner.adapt(self._support_x, y.to(self.device), inner_steps=self.inner_steps)
         self.class_names = names
         return self
 
     def predict(self, images) -> Prediction:
         """Classify ``images``: a folder, a list of paths / bytes / PIL images, or a tensor of
-        network input ``[N, C, H, W]``. All images of one call are normalised together under
-        batch statistics (see the class docstring)."""
+        network input ``[N, C, H, W]``. Whether they are normalised together is ``mode`` (see the
+        class docstring)."""
         if self._fast is None:
             raise RuntimeError("predict: call adapt(support) first")
         if isinstance(images, torch.Tensor):
@@ -190,7 +230,8 @@ class Predictor:
             x = self.transform.to_tensor(self.transform.decode_all(images, sources))
         if x.shape[0] == 0:
             raise ValueError("predict: no images given")
+        reference = self._support_x if self.mode == "support" else None
         with torch.no_grad():
-            logits = self.learner.predict(self._fast, x.to(self.device, self.dtype))
+            logits = self.learner.predict(self._fast, x.to(self.device, self.dtype), reference=reference)
         labels = logits.argmax(-1).cpu()  # of the logits, as evaluation scores them
-        return Prediction(labels, logits.float().softmax(-1).cpu(), list(self.class_names), sources)
+        return Prediction(labels, logits.float().softmax(-1).cpu(), list(self.class_names), sources, self.mode)

@@ -27,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import built_in_python, load_checkpoint, save_checkpoint
+from .checkpoint import built_in_python, load_checkpoint, save_checkpoint, write_text, writing
 from .config import RunConfig
 from .evaluate import evaluate
+from .threads import ThreadTuner
 from .version import __version__
 
 
@@ -138,6 +139,7 @@ class Trainer:
         self.writer = writer  # e.g. torch.utils.tensorboard.SummaryWriter: anything with add_scalar
         # Under torchrun each rank trains on its share of every meta-batch (fastadapt.distributed).
         self.dist = dist_context or distributed.current()
+        self.thread_tuner = None  # a ThreadTuner while fit runs on the CPU without --threads
         self.val_tasks = val_tasks
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # a new run never writes into a folder that holds another: resume() it, or ask to overwrite
@@ -242,7 +244,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         if self.out_dir is not None:
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            with writing(self.out_dir / "metrics.jsonl") as path, open(path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             flat = record.get("val", record)
@@ -260,9 +262,7 @@ class Trainer:
         if path is None or not self.dist.is_main or not path.is_file():
             return
         kept = [json.dumps(record) for record in read_metrics(path) if record["step"] <= self.step]
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.replace(path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def _validation_due(self) -> bool:
         t = self.training
@@ -353,8 +353,11 @@ class Trainer:
                 for name in held:
                     (self.out_dir / name).unlink()
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        tuner = None
         if t.threads:
             torch.set_num_threads(t.threads)
+        elif self.device.type == "cpu" and not self.dist.enabled:
+            tuner = self.thread_tuner = ThreadTuner()
         time_limit, every = t.time_limit, t.checkpoint_every
         started = self._saved_at = time.monotonic()
         bar = tqdm(total=t.meta_steps, initial=self.step, disable=not (progress and self.dist.is_main),
@@ -394,6 +397,8 @@ class Trainer:
                 if not self.weights_finite():
                     raise self._diverged("the meta-parameters became non-finite")
                 seconds = time.perf_counter() - start
+                if tuner is not None:
+                    tuner.step(seconds)
                 if t.budget is not None:
                     self.budget_used += distributed.average(torch.tensor(seconds), self.dist).item()
                 if self.scheduler:
@@ -408,7 +413,7 @@ class Trainer:
                     tasks = batch.num_tasks * self.dist.world_size
                     record = {"step": self.step, "loss": loss,
                               "query_loss": distributed.average(out.query_loss, self.dist).tolist(),
-                              "time": seconds, "tasks_per_s": tasks / seconds}
+                              "time": seconds, "tasks_per_s": tasks / seconds, "threads": torch.get_num_threads()}
                     if hasattr(batch, "support_x"):
                         record["examples_per_s"] = (batch.support_x.shape[1] + batch.query_x.shape[1]) * tasks / seconds
                     if getattr(out, "task_return", None) is not None:  # meta-RL: returns and the step's KL

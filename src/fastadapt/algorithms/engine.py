@@ -24,6 +24,8 @@ A subclass that sets ``name`` registers itself (``registry.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Iterator, Optional, Tuple
@@ -448,14 +450,30 @@ class MetaLearner(nn.Module):
                 return vmap(run, randomness="different")(support_x, support_y)
             return run(support_x, support_y)
 
-    def predict(self, fast_weights: Params, x: torch.Tensor) -> torch.Tensor:
-        """The model's output on ``x`` with adapted weights; batched weights take ``x`` as ``[T, N, ...]``."""
+    def predict(self, fast_weights: Params, x: torch.Tensor, reference: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's output on ``x`` with adapted weights; batched weights take ``x`` as ``[T, N, ...]``.
+
+        Under batch statistics the rows of ``x`` are normalised together (the transductive
+        protocol). With ``reference`` (``[R, ...]``, or ``[T, R, ...]`` for batched weights;
+        typically the support set) every BatchNorm normalises ``x`` with the statistics of
+        ``reference`` instead, in the same pass, so each output depends on its own row only."""
         buffers = self.model_buffers()
-        name, reference = next(iter(self.model.named_parameters()))
-        with self.forward_context():
-            if fast_weights[name].dim() == reference.dim() + 1:
-                return vmap(lambda p, xs: self.task_output(p, buffers, xs), randomness="different")(fast_weights, x)
-            return self.task_output(fast_weights, buffers, x)
+        name, reference_weight = next(iter(self.model.named_parameters()))
+        batched = fast_weights[name].dim() == reference_weight.dim() + 1
+        policy = self.forward_policy()
+        if reference is not None:
+            rows = reference.shape[1 if batched else 0]
+            x = torch.cat([reference.to(x.dtype), x], dim=1 if batched else 0)
+            policy = dataclasses.replace(policy, reference_rows=rows)
+
+        def output(p, xs):
+            out = self.task_output(p, buffers, xs)
+            return out if reference is None else out[rows:]
+
+        with forward.applied(self.model, policy):
+            if batched:
+                return vmap(output, randomness="different")(fast_weights, x)
+            return output(fast_weights, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model with its meta-parameters (before any step), under the same BatchNorm policy

@@ -5,7 +5,10 @@ an algorithm) makes the model follow it for a block:
 
 - ``statistics="batch"`` (the MAML paper's transductive policy): BatchNorm normalises with the
   statistics of its own batch, per task under vmap; running statistics are never read or written,
-  so meta-training and adaptation leave every buffer untouched. ``"running"``: it normalises with
+  so meta-training and adaptation leave every buffer untouched. With ``reference_rows=R`` the
+  statistics come from the first ``R`` rows of each batch only (a support set placed before the
+  images to classify), so every later row is normalised independently of the others.
+  ``"running"``: it normalises with
   the module's ``running_mean``/``running_var`` as ``functional_call`` substitutes them (MAML++'s
   per-step statistics), so one image is classified the same alone or in a batch.
 - ``exact``: the normalisation is computed from mean and variance directly. Needed where the pass
@@ -41,10 +44,13 @@ class ForwardPolicy:
     exact: bool = False
     record: Optional[list] = None
     matmul_convolutions: bool = True
+    reference_rows: Optional[int] = None
 
     def __post_init__(self):
         if self.statistics not in ("batch", "running"):
             raise ValueError(f"ForwardPolicy.statistics must be 'batch' or 'running', got {self.statistics!r}")
+        if self.reference_rows is not None and self.reference_rows < 1:
+            raise ValueError(f"ForwardPolicy.reference_rows must be a positive row count, got {self.reference_rows!r}")
 
 
 class _Current(threading.local):
@@ -95,13 +101,14 @@ def _batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         var, mean = torch.var_mean(x.detach(), dim=dims, correction=1 if count > 1 else 0)
         policy.record.append((mean, var))
     running = policy.statistics == "running"
-    if not (policy.exact or running):
+    reference = None if running else policy.reference_rows
+    if not (policy.exact or running or reference):
         return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if running:
         mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
     else:
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        var, mean = torch.var_mean(x if reference is None else x[:reference], dim=dims, correction=0, keepdim=True)
     scale = torch.rsqrt(var + module.eps)
     if module.affine:
         scale = scale * module.weight.reshape(shape)

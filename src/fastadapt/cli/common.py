@@ -150,7 +150,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-tasks", type=int, help="fixed test tasks evaluated at the end")
     g = p.add_argument_group("devices")
     g.add_argument("--device")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: chosen by timing the run's iterations, "
+                                                   "re-chosen as the machine's load changes)")
     g.add_argument("--task-chunk", type=task_chunk, help="tasks vmapped together: auto (by device), all, or a number")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the meta-step (CPU; slow to start)")
 

@@ -18,8 +18,7 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
     p.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class (any number "
                                                     "of images each)")
-    p.add_argument("--query", required=True, help="an image, or a folder of images to classify (normalised "
-                                                  "together: see --bn-statistics)")
+    p.add_argument("--query", required=True, help="an image, or a folder of images to classify")
     p.add_argument("--inner-steps-test", "--steps", dest="inner_steps_test", type=int,
                    help="adaptation steps (default: the run's test steps)")
     p.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (csv has a header)")
@@ -28,6 +27,10 @@ def register(sub) -> None:
                    help="override the stored polarity: --invert reads files as 255 - pixel (Omniglot's "
                         "black-on-white PNGs), --no-invert as they are")
     p.add_argument("--device", help="default cpu")
+    p.add_argument("--query-statistics", choices=["support", "batch"], default="support",
+                   help="BatchNorm for the queries: support (default) normalises each with the support set's "
+                        "statistics, so an image is classified the same alone or in a folder; batch normalises "
+                        "the query images together, as evaluation scores an episode")
     p.add_argument("--bn-statistics", choices=["batch", "running"], help=common.BN_STATISTICS_HELP)
     p.set_defaults(run=run)
 
@@ -37,12 +40,18 @@ def run(args) -> int:
 
     if args.top_k is not None and args.top_k <= 0:
         raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.inner_steps_test is not None and args.inner_steps_test < 0:
+        raise ValueError(f"--steps must be a non-negative integer, got {args.inner_steps_test}")
     predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
-                               bn_statistics=args.bn_statistics, invert=args.invert)
+                               bn_statistics=args.bn_statistics, invert=args.invert,
+                               query_statistics=args.query_statistics)
     query = Path(args.query)
     if not query.exists():
         raise FileNotFoundError(f"--query {query} does not exist")
     prediction = predictor.adapt(args.support).predict(query)
+    step = f" (step {predictor.step})" if predictor.step is not None else ""
+    print(f"fastadapt predict: {predictor.checkpoint}{step}, {predictor.inner_steps} adaptation step(s) on "
+          f"{len(predictor.class_names)} classes; {predictor.describe_mode()}", file=sys.stderr)
     k = args.top_k or 1
     ranked = prediction.top_k(k)
     if args.format == "json":

@@ -7,13 +7,12 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from .. import data, distributed, experiment
-from ..checkpoint import RunLock
+from ..checkpoint import RunLock, write_text
 from . import common
 
 
@@ -59,22 +58,6 @@ def _resume_config(args, flags):
     return loaded.config, args.out or (Path(args.resume).parent if Path(args.resume).is_file() else args.resume)
 
 
-def _warn_if_busy() -> None:
-    """torch's threads wait on each other at every small parallel region; on a machine whose cores
-    other processes already use, that costs whole scheduler slices (benchmarks/meta_step.py
-    --contention 2: 2.5-3.0 s per second-order iteration of 8 tasks with 2 threads, 1.2 s with 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return
-    threads = torch.get_num_threads()
-    if threads > 1 and load >= 1.0 and cores - load < threads:
-        warnings.warn(f"the machine is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} "
-                      "threads, which then wait on each other; --threads 1 (or fewer) is often several times "
-                      "faster here", stacklevel=2)
-
-
 def _default_run_folder(config) -> str:
     """runs/<data>-<task>-<time>-<pid>: two runs started in the same second differ by process."""
     if config.rl.env is not None:
@@ -99,8 +82,34 @@ def run(args) -> int:
         torch.set_num_threads(config.training.threads)
     ctx = distributed.init(config.training.device)
     config.training.device = distributed.device_for(config.training.device)
-    with RunLock(out) if ctx.is_main else contextlib.nullcontext():
-        return _train(args, config, out, ctx)
+    new_folder = not out.exists()
+    try:
+        with RunLock(out) if ctx.is_main else contextlib.nullcontext():
+            return _train(args, config, out, ctx)
+    except Exception:
+        if ctx.is_main and not args.resume:
+            _remove_unfinished(out, new_folder)
+        raise
+
+
+# what a new run writes before its first checkpoint
+_UNFINISHED_FILES = ("config.json", "metrics.jsonl", "test.json")
+
+
+def _remove_unfinished(out: Path, new_folder: bool) -> None:
+    """A new run that fails before its first checkpoint leaves nothing to resume: its files go,
+    and the folder too if this run made it. A folder holding a checkpoint is left as it is."""
+    if not out.is_dir() or any((out / name).is_file() for name in ("last.pt", "best.pt")):
+        return
+    with contextlib.suppress(OSError):
+        for name in _UNFINISHED_FILES:
+            (out / name).unlink(missing_ok=True)
+        board = out / "tensorboard"
+        if board.is_dir():
+            import shutil
+            shutil.rmtree(board)
+        if new_folder and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _train(args, config, out: Path, ctx) -> int:
@@ -121,10 +130,8 @@ def _train(args, config, out: Path, ctx) -> int:
         trainer.resume(args.resume)
         trainer.truncate_metrics()  # a --steps that extends the run stretches the cosine over it all
     say = print if ctx.is_main else (lambda *a, **k: None)
-    if ctx.is_main and config.training.device == "cpu" and not config.training.threads:
-        _warn_if_busy()
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_text(out / "config.json", json.dumps(config.to_dict(), indent=2))
     workers = f", {ctx.world_size} processes" if ctx.enabled else ""
     say(f"run folder {out}  ({common.describe(config)}{workers})")
     start = time.perf_counter()
@@ -150,7 +157,7 @@ def _train(args, config, out: Path, ctx) -> int:
         report["test_is_validation"] = True
     if ctx.is_main:
         timing = {"train_seconds": seconds, "meta_iteration_seconds": trainer.step_seconds / max(1, trainer.steps_run)}
-        (out / "test.json").write_text(json.dumps({**report, **timing}, indent=2))
+        write_text(out / "test.json", json.dumps({**report, **timing}, indent=2))
     resumed = f", {trainer.steps_run} in this session" if args.resume else ""
     say(f"trained to step {trainer.step}{resumed} in {seconds:.0f} s; test of {report['checkpoint']} "
         f"(step {report['step']})" + (" on the validation classes (no test split of its own)" if same else "") + ":")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Tuple
@@ -48,11 +49,23 @@ def _list_source(root: Path, base: str):
         fingerprint = f"{folder}:{len(entries)}:{max((p.stat().st_mtime for p in folder.glob('*/*/*.png')), default=0)}"
         return entries, fingerprint
     if archive.is_file():
-        zf = zipfile.ZipFile(archive)
+        try:
+            zf = zipfile.ZipFile(archive)
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(f"{archive} is not a readable zip file ({error}): a download cut off, or another file "
+                             f"under that name; delete it and download it again, or unpack it into {folder}/") from None
+
+        def read(name):
+            try:
+                return zf.read(name)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+                raise ValueError(f"{archive}: {name} cannot be read ({error}); the zip is damaged: delete it and "
+                                 "download it again") from None
+
         for name in sorted(zf.namelist()):
             parts = name.split("/")
             if len(parts) == 4 and parts[0] == base and parts[3].endswith(".png"):
-                entries.append((f"{parts[1]}/{parts[2]}", f"{archive}:{name}", lambda n=name: zf.read(n)))
+                entries.append((f"{parts[1]}/{parts[2]}", f"{archive}:{name}", lambda n=name: read(n)))
         stat = archive.stat()
         return entries, f"{archive}:{stat.st_size}:{stat.st_mtime}"
     return None, None

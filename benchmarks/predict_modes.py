@@ -1,0 +1,116 @@
+"""Does a prediction depend on the other images of the call? Each BatchNorm mode of ``Predictor``
+on Lake's one-shot protocol, from the raw PNG files inside an Omniglot zip.
+
+Tasks as ``fastadapt eval --protocol lake`` builds them (Lake, Salakhutdinov and Tenenbaum,
+Science 2015): 20 characters of one alphabet the run did not train on, the support image of each
+by one drawer and its query by another. Every mode classifies the 20 queries twice: all in one
+``predict`` call, and each one alone. Modes:
+
+- ``batch``: the images of a call are normalised together (the transductive protocol evaluation
+  scores, where it is the published one);
+- ``support``: each query with the support set's statistics (``Predictor``'s default);
+- ``support+query``: each query with the statistics of the support set and itself (measured
+  here only, one forward pass per query).
+
+Prints accuracy with 95% intervals per mode and call, and the largest change of a probability
+between a query given alone and among the others.
+
+    python benchmarks/predict_modes.py RUN --root ../shared/data/omniglot [--split background_small2] [--tasks 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import zipfile
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from fastadapt import experiment
+from fastadapt.data import Omniglot
+from fastadapt.data.omniglot import OmniglotSource
+from fastadapt.evaluate import confidence_interval
+from fastadapt.predict import Predictor
+
+
+def lake_files(root, split, trained, tasks, seed):
+    """``tasks`` lists of 20 (character, support PNG bytes, query PNG bytes), within one alphabet,
+    support and query by two different drawers."""
+    images = Omniglot(root, split, exclude_alphabets=trained)
+    by_alphabet = defaultdict(lambda: defaultdict(dict))
+    for source, drawer, target in zip(images.sources, images.drawers.tolist(), images.targets.tolist()):
+        by_alphabet[images.alphabets[target]][images.class_names[target]][drawer] = source
+    usable = sorted(a for a, chars in by_alphabet.items() if len(chars) >= 20)
+    rng = np.random.default_rng(seed)
+    archives = {}
+
+    def read(source):
+        archive, member = source.rsplit(".zip:", 1)
+        handle = archives.setdefault(archive, zipfile.ZipFile(archive + ".zip"))
+        return handle.read(member)
+
+    episodes = []
+    for _ in range(tasks):
+        alphabet = usable[rng.integers(len(usable))]
+        names = sorted(by_alphabet[alphabet])
+        chosen = [names[i] for i in rng.choice(len(names), 20, replace=False)]
+        common = sorted(set.intersection(*(set(by_alphabet[alphabet][c]) for c in chosen)))
+        first, second = rng.choice(common, 2, replace=False)
+        episodes.append([(c, read(by_alphabet[alphabet][c][first]), read(by_alphabet[alphabet][c][second]))
+                         for c in chosen])
+    return episodes, usable
+
+
+def support_plus_each(predictor: Predictor, queries) -> torch.Tensor:
+    """Logits of each query normalised with the statistics of the support set and itself."""
+    x = predictor.transform.to_tensor(predictor.transform.decode_all(queries, [f"q{i}" for i in range(len(queries))]))
+    x = x.to(predictor.device, predictor.dtype)
+    support = predictor._support_x
+    with torch.no_grad():
+        return vmap(lambda q: predictor.learner.predict(predictor._fast, torch.cat([support, q[None]]))[-1])(x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--split", default="background_small2")
+    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    run = experiment.load_run(args.run, changes={"root": args.root}, build=False)
+    trained = OmniglotSource.trained_alphabets(run.config)
+    episodes, alphabets = lake_files(args.root, args.split, trained, args.tasks, args.seed)
+    print(f"{run.path}: {run.config.algorithm.name}, {args.tasks} tasks of Lake's protocol on {', '.join(alphabets)}")
+    predictors = {mode: Predictor.load(args.run, device="cpu", query_statistics=mode) for mode in Predictor.QUERY_STATISTICS}
+    correct = defaultdict(list)
+    largest_change = defaultdict(float)
+    for episode in episodes:
+        support = {c: [s] for c, s, _ in episode}
+        queries = [q for _, _, q in episode]
+        truth = torch.arange(len(episode))
+        for mode, predictor in predictors.items():
+            predictor.adapt(support)
+            together = predictor.predict(queries)
+            alone = [predictor.predict([q]) for q in queries]
+            alone_labels = torch.cat([p.labels for p in alone])
+            alone_probabilities = torch.cat([p.probabilities for p in alone])
+            correct[(mode, "together")].append((together.labels == truth).float().mean())
+            correct[(mode, "alone")].append((alone_labels == truth).float().mean())
+            change = (together.probabilities - alone_probabilities).abs().max().item()
+            largest_change[mode] = max(largest_change[mode], change)
+        each = support_plus_each(predictors["support"], queries)
+        correct[("support+query", "alone")].append((each.argmax(-1).cpu() == truth).float().mean())
+    print(f"{'mode':<15}{'call':<10}{'accuracy %':>18}{'max |dp| alone vs together':>30}")
+    for (mode, call), values in correct.items():
+        values = torch.stack(values)
+        change = f"{largest_change[mode]:.2e}" if mode in largest_change and call == "alone" else ""
+        print(f"{mode:<15}{call:<10}{100 * values.mean():>10.2f} +- {100 * confidence_interval(values):5.2f}"
+              f"{change:>30}")
+
+
+if __name__ == "__main__":
+    main()
