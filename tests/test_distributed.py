@@ -205,3 +205,46 @@ def test_a_signal_to_one_rank_stops_every_rank_cleanly_and_saves(tmp_path):
     assert outcomes[0].startswith(f"stopped {code} at 4: a stop request to another process"), outcomes
     from fastadapt.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+RL_CONFIG = dict(env="navigation-2d", task_batch=4, trajectories=3, horizon=12, hidden=8, inner_steps=1,
+                 inner_steps_test=2, steps=4, eval_every=2, log_every=1, val_tasks=6, eval_batch=2, cg_iters=4,
+                 dtype="float64")
+
+
+def rl_train(out_dir, ctx=None):
+    from fastadapt.rl import experiment as rl_experiment
+    c = rl_experiment.check(experiment.resolve(RL_CONFIG))
+    torch.manual_seed(c.training.seed)
+    learner = rl_experiment.build_learner(c)
+    sources = rl_experiment.build_tasks(c, splits=("train", "val"))
+    Trainer(learner, sources["train"], c, out_dir, sources["val"], ctx).fit(progress=False)
+    return learner, evaluate(learner, sources["val"], 2)
+
+
+def rl_worker(rank, world, port, out_dir, result):
+    torch.set_num_threads(1)
+    ctx = join(rank, world, port, timeout_s=120)
+    learner, scores = rl_train(Path(out_dir) / "two", ctx)
+    torch.save({"model": learner.state_dict(), "eval": scores.as_dict()}, f"{result}.{rank}")
+    distributed.shutdown()
+
+
+def test_a_meta_rl_run_on_two_processes_equals_one_process(tmp_path):
+    tmp_path = spawn_pair(rl_worker, lambda folder: (str(folder), str(folder / "result")), tmp_path)
+    single, single_scores = rl_train(tmp_path / "one")
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"result.{rank}", weights_only=True)
+        assert_same_parameters(result["model"], single)
+        assert result["eval"]["tasks"] == single_scores.tasks == 6
+        torch.testing.assert_close(torch.tensor(result["eval"]["returns"], dtype=torch.float64),
+                                   torch.tensor(single_scores.as_dict()["returns"], dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-6)
+    one = [json.loads(r) for r in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(r) for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        if "kl" in a:
+            assert a["accepted"] == b["accepted"] and abs(a["kl"] - b["kl"]) < 1e-9
+            torch.testing.assert_close(torch.tensor(b["returns"]), torch.tensor(a["returns"]))
+    assert any(r.get("accepted") for r in one)  # the line search took steps, so equality means something

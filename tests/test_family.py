@@ -159,7 +159,6 @@ def per_step_reference(model, batch, rates, steps, create_graph=True):
 
 
 def test_maml_plus_plus_lslr_and_multi_step_loss_match_reference():
-    from fastadapt import MAML
     model, batch = small_conv4(), image_batch()
     learner = MAMLPlusPlus(model, inner_lr=0.3, inner_steps=3, lslr=True, multi_step_loss=10).double()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastadapt import MAML, MAMLPlusPlus
+from fastadapt import MAMLPlusPlus
 from helpers import TINY_ARGS, forward, image_batch, small_conv4, write_png
 
 

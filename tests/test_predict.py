@@ -17,7 +17,7 @@ from fastadapt import Predictor, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastadapt.algorithms import forward
 from fastadapt.cli import main
-from fastadapt.data import EpisodeSampler, Glyphs, ImageTransform
+from fastadapt.data import EpisodeSampler, Glyphs, ImageTransform, TaskBatch
 from fastadapt.data import source as data_source
 from fastadapt.evaluate import evaluate
 
@@ -386,3 +386,48 @@ def test_predict_input_errors_name_the_argument(glyph_run, tmp_path, capsys):
         predictor.adapt(torch.zeros(0, 1, 28, 28), labels=torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="inner_steps must be a non-negative integer"):
         Predictor.load(glyph_run, device="cpu", inner_steps=True)
+
+
+@pytest.mark.parametrize("algo", ["maml", "protonet"])
+def test_training_with_support_statistics_scores_every_query_on_its_own(algo):
+    torch.manual_seed(0)
+    config = experiment.resolve(dict(dataset="glyphs", algo=algo, hidden=8, n_way=3, inner_steps=1,
+                                     query_statistics="support", dtype="float64"))
+    learner = experiment.build_learner(config).double()
+    assert learner.query_statistics == "support"
+    tasks = TaskBatch(torch.rand(2, 3, 1, 28, 28, dtype=torch.float64), torch.arange(3).repeat(2, 1),
+                      torch.rand(2, 4, 1, 28, 28, dtype=torch.float64), torch.tensor([[0, 1, 2, 0]] * 2))
+
+    def one_query(i):
+        return TaskBatch(tasks.support_x, tasks.support_y, tasks.query_x[:, i:i + 1], tasks.query_y[:, i:i + 1])
+
+    def meta_gradient(batch):
+        learner.zero_grad()
+        learner.meta_backward(batch)
+        return torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None])
+
+    # the loss of a task is the mean of its queries' losses, each scored alone; so is its gradient
+    together = learner.fine_tune(tasks, 2).task_loss
+    alone = torch.stack([learner.fine_tune(one_query(i), 2).task_loss for i in range(4)]).mean(0)
+    torch.testing.assert_close(together, alone)
+    gradient = meta_gradient(tasks)
+    torch.testing.assert_close(gradient, torch.stack([meta_gradient(one_query(i)) for i in range(4)]).mean(0))
+    learner.query_statistics = "batch"
+    assert (meta_gradient(tasks) - gradient).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="query_statistics must be one of batch, support"):
+        learner.query_statistics = "query"
+    with pytest.raises(ValueError, match="query_statistics"):
+        experiment.resolve(dict(dataset="glyphs", query_statistics="each"))
+
+
+def test_a_run_trained_with_support_statistics_keeps_them_in_eval_predict_and_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--query-statistics", "support", "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["algorithm"]["query_statistics"] == "support"
+    loaded = experiment.load_run(run / "last.pt")
+    assert loaded.learner.query_statistics == "support"
+    assert main(["train", "--resume", str(run), "--query-statistics", "batch"]) == 2
+    assert "--query-statistics" in capsys.readouterr().err
+    main(["train", "--dataset", "sinusoid", "--steps", "1", "--eval-every", "1", "--val-episodes", "1",
+          "--test-episodes", "1", "--query-statistics", "support", "--quiet", "--out", str(tmp_path / "sine")])
+    assert "--query-statistics means nothing for sinusoid (its network has no BatchNorm)" in capsys.readouterr().err

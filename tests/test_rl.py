@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fastadapt.rl import (CategoricalMLPPolicy, GaussianMLPPolicy, MAMLTRPO, PolicyGradientLoss, Trajectories,
+from fastadapt.rl import (CategoricalMLPPolicy, GaussianMLPPolicy, MAMLTRPO, PolicyGradientLoss,
                           conjugate_gradient, families, family, returns as R)
 
 

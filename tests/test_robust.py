@@ -211,7 +211,12 @@ def test_progress_bars_for_validation_test_and_eval(tmp_path, capsys):
     args = [a for a in TINY_ARGS if a != "--quiet"]
     assert main(["train", *args, "--epoch", "3", "--out", str(run)]) == 0
     err = capsys.readouterr().err
-    assert "meta-train" in err and "validate @ 3" in err and "test (last.pt)" in err
+    assert "meta-train" in err and "validate @ 3" in err
+    tested = json.loads((run / "test.json").read_text())
+    if tested["checkpoint"] == "best.pt" and tested["step"] == 3 and "final" not in tested:
+        assert "test (best.pt = last.pt)" in err and "test (last.pt)" not in err
+    else:
+        assert "test (last.pt)" in err and "test (best.pt)" in err
     assert main(["eval", str(run), "--episodes", "2"]) == 0
     assert "evaluate" in capsys.readouterr().err
     assert main(["eval", str(run), "--episodes", "2", "--quiet"]) == 0
@@ -468,3 +473,55 @@ def io_png(array) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_class_folders_are_read_one_level_deep_and_a_link_to_the_root_is_not_walked(tmp_path):
+    from fastadapt.data import ImageFolder
+    root = tmp_path / "train"
+    for folder in ("a", "b", "b/strokes", "c/alphabet"):
+        (root / folder).mkdir(parents=True)
+    png = io_png(np.full((8, 8), 200, np.uint8))
+    for folder in ("a", "b", "b/strokes", "c/alphabet"):
+        for i in range(2):
+            (root / folder / f"{i}.png").write_bytes(png)
+    with pytest.raises(ValueError, match=r"class folder .*/c holds no image files; its 1 sub-folder\(s\) "
+                                         r"\(alphabet\) are not read \(the layout is root/<class>/<image>"):
+        ImageFolder(root, image_size=8)
+    (root / "c" / "alphabet" / "0.png").rename(root / "c" / "0.png")
+    with pytest.warns(UserWarning, match=r"class folder .*/b: its 1 sub-folder\(s\) \(strokes\) are not read"):
+        data = ImageFolder(root, image_size=8)
+    assert data.class_names == ["a", "b", "c"] and len(data) == 5
+    assert all(path.parent.name in ("a", "b", "c") for path in data.files)
+    (root / "d").symlink_to(tmp_path)  # a loop: d/train/d/train/...
+    with pytest.raises(ValueError, match=r"class folder .*/d holds no image files; its 1 sub-folder\(s\) \(train\)"):
+        ImageFolder(root, image_size=8)
+
+
+def test_plot_draws_no_empty_legend_when_nothing_was_logged(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--steps", "2", "--log-every", "50", "--eval-every", "50", "--out", str(run)]) == 0
+    assert not [r for r in records(run) if "loss" in r]
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kw: saved.append(figure))
+    assert main(["plot", str(run)]) == 0
+    curves = saved[0].axes[0]
+    assert all(len(line.get_xdata()) for line in curves.lines)   # no legend entry without a curve
+    assert "train query loss" not in [line.get_label() for line in curves.lines]
+    assert "no training loss logged" in curves.texts[0].get_text()
+
+
+def test_a_query_folder_is_read_with_its_class_sub_folders_and_no_deeper(tmp_path):
+    from fastadapt.predict import Predictor
+    query = tmp_path / "query"
+    for folder in ("", "cat", "cat/strokes"):
+        (query / folder).mkdir(parents=True, exist_ok=True)
+        (query / folder / "0.png").write_bytes(io_png(np.full((8, 8), 200, np.uint8)))
+    with pytest.warns(UserWarning, match=r"query folder .*query: its 1 sub-folder\(s\) \(strokes\) are not read"):
+        files = Predictor._query_files(query)
+    assert [str(f.relative_to(query)) for f in files] == ["0.png", "cat/0.png"]
+    empty = tmp_path / "empty"
+    (empty / "a" / "b").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"query folder .*empty holds no image files"):
+        Predictor._query_files(empty)

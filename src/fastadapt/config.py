@@ -172,8 +172,10 @@ class ModelConfig:
 class AlgorithmConfig:
     """The meta-learner: the registered algorithm ``name`` and the settings the MAML family shares
     (``inner_steps`` SGD steps of ``inner_lr`` per task in training, ``inner_steps_test`` at test
-    time), the engine's ``task_chunk`` and ``compile``, and ``options``, the algorithm's own
-    settings (its ``Option``s, by name)."""
+    time), the engine's ``task_chunk`` and ``compile``, ``query_statistics`` (how BatchNorm
+    normalises query images: ``"batch"``, a task's queries together, or ``"support"``, each with
+    its support set's statistics; ``MetaLearner.query_statistics``), and ``options``, the
+    algorithm's own settings (its ``Option``s, by name)."""
 
     name: str = "maml"
     inner_steps: int = 3
@@ -182,6 +184,7 @@ class AlgorithmConfig:
     first_order: bool = False
     task_chunk: Any = "auto"
     compile: bool = False
+    query_statistics: str = "batch"
     options: Dict[str, Any] = field(default_factory=dict)
 
     def check(self, declared: Tuple[Option, ...] = ()) -> None:
@@ -194,6 +197,9 @@ class AlgorithmConfig:
                 or (isinstance(self.task_chunk, int) and not isinstance(self.task_chunk, bool) and self.task_chunk > 0)):
             raise ConfigError("task_chunk", f"must be 'auto', None or a positive integer, got {self.task_chunk!r}",
                               where + "task_chunk")
+        if self.query_statistics not in ("batch", "support"):
+            raise ConfigError("query_statistics", f"must be 'batch' or 'support', got {self.query_statistics!r}",
+                              where + "query_statistics")
         known = {o.name: o for o in declared}
         for key, value in self.options.items():
             if key not in known:

@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import experiment
-from .data.transform import ImageTransform, image_files, polarity
+from .data.transform import ImageTransform, image_files, polarity, sub_folder_notice
 
 SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
 
@@ -136,11 +136,34 @@ class Predictor:
     # ------------------------------------------------------------------ reading images
     @staticmethod
     def _image_files(folder: Path, what: str) -> List[Path]:
-        files, others = image_files(folder)
+        files, others, sub_folders = image_files(folder)
         for other in others:
             warnings.warn(f"skipping {other}: not an image file", stacklevel=3)
         if not files:
-            raise ValueError(f"{what} {folder} holds no image files")
+            layout = f"; {sub_folder_notice(sub_folders)}" if sub_folders else ""
+            raise ValueError(f"{what} {folder} holds no image files{layout}")
+        if sub_folders:
+            warnings.warn(f"{what} {folder}: {sub_folder_notice(sub_folders)}; only the images directly in it are",
+                          stacklevel=3)
+        return files
+
+    @staticmethod
+    def _query_files(folder: Path) -> List[Path]:
+        """The images directly in ``folder`` and in its class sub-folders, one level down: a query
+        folder may be laid out like a support folder (held-out images by class), and each output
+        row names its file. Deeper folders are not read, with a warning naming them."""
+        files, others, sub_folders = image_files(folder)
+        deeper = []
+        for sub in sub_folders:
+            members, sub_others, nested = image_files(sub)
+            files, others, deeper = files + members, others + sub_others, deeper + nested
+        for other in others:
+            warnings.warn(f"skipping {other}: not an image file", stacklevel=3)
+        if deeper:
+            warnings.warn(f"query folder {folder}: {sub_folder_notice(deeper)}; the images directly in it "
+                          f"and in its sub-folders are", stacklevel=3)
+        if not files:
+            raise ValueError(f"query folder {folder} holds no image files (directly or one sub-folder down)")
         return files
 
     def _support_from(self, support, labels, class_names):
@@ -222,7 +245,7 @@ class Predictor:
                 if folder.is_file():
                     images = [folder]
                 elif folder.is_dir():
-                    images = self._image_files(folder, "query folder")
+                    images = self._query_files(folder)
                 else:
                     raise FileNotFoundError(f"query {folder} does not exist")
             images = list(images)

@@ -164,8 +164,10 @@ class Trainer:
         self._tasks_state = tasks.state_dict()
 
     def _record_model(self) -> None:
-        """Make the configuration describe the network the learner holds, so that a run made in
-        Python (any conv4) is rebuilt by ``eval``, ``predict`` and ``--resume`` as it was."""
+        """Make the configuration describe the network the learner holds (and how it normalises
+        its queries), so that a run made in Python (any conv4) is rebuilt by ``eval``, ``predict``
+        and ``--resume`` as it was."""
+        self.config.algorithm.query_statistics = getattr(self.learner, "query_statistics", "batch")
         spec = getattr(getattr(self.learner, "model", None), "spec", None)
         if not isinstance(spec, dict) or self.config.model.network is not None:
             return
@@ -454,7 +456,8 @@ class Trainer:
                 raise Stopped(*self.stop_request)
             return result
 
-        final = test("test (last.pt)")
+        last_is_best = self.best_model is not None and self.best_step == self.step
+        final = test("test (best.pt = last.pt)" if last_is_best else "test (last.pt)")
         report = {"checkpoint": "last.pt", "step": self.step, **final.as_dict()}
         result = final
         if self.best_model is not None:

@@ -33,7 +33,7 @@ from typing import Callable, ClassVar, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from ..config import Option
 from . import forward, registry
@@ -152,6 +152,25 @@ class MetaLearner(nn.Module):
         # None: vmap the query pass on GPU, loop over tasks on CPU (see _chunk_fn); tests force both.
         self.vmap_query: Optional[bool] = None
         self._compiled: Dict[tuple, Callable] = {}
+        self.query_statistics = "batch"
+
+    QUERY_STATISTICS = ("batch", "support")
+
+    @property
+    def query_statistics(self) -> str:
+        """How BatchNorm normalises the query images when the engine scores them (training,
+        validation, ``fine_tune``): ``"batch"``, a task's query set together (the MAML paper's
+        transductive protocol), or ``"support"``, each query with the statistics of its task's
+        support set under the weights being scored, so no query's output depends on another's and
+        a model trained this way classifies one image alone as it was trained to."""
+        return self._query_statistics
+
+    @query_statistics.setter
+    def query_statistics(self, value: str) -> None:
+        if value not in self.QUERY_STATISTICS:
+            raise ValueError(f"query_statistics must be one of {', '.join(self.QUERY_STATISTICS)}, got {value!r}")
+        self._query_statistics = value
+        self._compiled = {}
 
     # ------------------------------------------------------------------ what an algorithm defines
     def inner_loop(self, params: Params, buffers: Params, support_x, support_y, steps: int,
@@ -265,9 +284,15 @@ class MetaLearner(nn.Module):
                 scored.append(detach(fast))
         return scored
 
-    def _score(self, fast, buffers, query_x, query_y):
-        """Query loss (differentiable) and accuracy of one task's weights."""
-        out = self.task_output(fast, buffers, query_x)
+    def _score(self, fast, buffers, query_x, query_y, support_x):
+        """Query loss (differentiable) and accuracy of one task's weights (``query_statistics``
+        says whether ``support_x`` supplies BatchNorm's statistics)."""
+        if self.query_statistics == "support":
+            rows = support_x.shape[0]
+            with forward.changed(reference_rows=rows):
+                out = self.task_output(fast, buffers, torch.cat([support_x.to(query_x.dtype), query_x]))[rows:]
+        else:
+            out = self.task_output(fast, buffers, query_x)
         loss = self.loss_fn(out, query_y)
         accuracy = _accuracy(out.detach(), query_y) if self.classification else loss.detach() * 0
         return loss, accuracy
@@ -288,16 +313,16 @@ class MetaLearner(nn.Module):
         adapt = vmap(functools.partial(self._adapt_task, steps=steps, per_step=per_step, create_graph=create_graph,
                                        multi_step=multi_step),
                      in_dims=(None, None, 0, 0), randomness="different")
-        score_all = vmap(self._score, in_dims=(0, None, 0, 0), randomness="different")
+        score_all = vmap(self._score, in_dims=(0, None, 0, 0, 0), randomness="different")
 
-        def score(fast, buffers, query_x, query_y):
+        def score(fast, buffers, query_x, query_y, support_x):
             if vmap_query:
-                return score_all(fast, buffers, query_x, query_y)
+                return score_all(fast, buffers, query_x, query_y, support_x)
             if query_x.dim() == 5 and query_x.shape[2] > 1:
                 # channels-last images: faster convolutions and BatchNorm on CPU (one-channel
                 # images go through _convolve_by_matmul, whose output is channels-last already)
                 query_x = query_x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-            results = [self._score({n: w[i] for n, w in fast.items()}, buffers, query_x[i], query_y[i])
+            results = [self._score({n: w[i] for n, w in fast.items()}, buffers, query_x[i], query_y[i], support_x[i])
                        for i in range(query_x.shape[0])]
             return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 
@@ -307,7 +332,7 @@ class MetaLearner(nn.Module):
             graph_from = len(scored) - (steps if multi_step else 1)
             for index, fast in enumerate(scored):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and index >= graph_from):
-                    loss, accuracy = score(fast, buffers, query_x, query_y)
+                    loss, accuracy = score(fast, buffers, query_x, query_y, support_x)
                 if index >= graph_from:
                     weighted = weighted + (loss if not multi_step else step_weights[index - graph_from] * loss)
                 losses.append(loss.detach())

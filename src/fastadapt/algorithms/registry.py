@@ -52,7 +52,12 @@ def build(model, config):
     ``from_config``, or an extension's ``from_base_config`` when one of its options is set."""
     cls = _REGISTRY[config.algorithm.name]
     options = config.algorithm.options
+    learner = None
     for extension in extensions_of(config.algorithm.name):
         if any(options.get(option.name) for option in extension.options):
-            return extension.from_base_config(model, config, base=cls)
-    return cls.from_config(model, config)
+            learner = extension.from_base_config(model, config, base=cls)
+            break
+    learner = learner if learner is not None else cls.from_config(model, config)
+    if hasattr(learner, "query_statistics"):
+        learner.query_statistics = config.algorithm.query_statistics
+    return learner

@@ -104,6 +104,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inner-steps-test", "--update-step-test", dest="inner_steps_test", type=int)
     g.add_argument("--inner-lr", "--update-lr", dest="inner_lr", type=float)
     g.add_argument("--first-order", action="store_true", default=None)
+    g.add_argument("--query-statistics", choices=["batch", "support"],
+                   help="BatchNorm on the query images: a task's queries normalised together (batch, the MAML "
+                        "paper's), or each with its support set's statistics (support: trained as predict "
+                        "classifies one image alone)")
     for cls in known.values():
         _add_options(g, cls.options, seen)
     g = p.add_argument_group("model")
@@ -199,7 +203,10 @@ def describe(config: RunConfig) -> str:
     if config.rl.env is not None:
         from ..rl import experiment as rl_experiment
         return f"{config.rl.env}, {config.algorithm.name}, {rl_experiment.describe(config)}"
-    return f"{config.data.dataset}, {config.algorithm.name}, {data.source(config.data.dataset).describe(config)}"
+    queries = ", queries normalised with the support set's statistics" \
+        if config.algorithm.query_statistics == "support" else ""
+    return (f"{config.data.dataset}, {config.algorithm.name}, {data.source(config.data.dataset).describe(config)}"
+            f"{queries}")
 
 
 def build_tasks(config: RunConfig, splits=("train", "val", "test")) -> dict:

@@ -33,12 +33,16 @@ def run(args) -> int:
         axes[0].plot(steps, [r["returns"][0] for r in train], label="train return before adapting")
         axes[0].plot(steps, [r["returns"][-1] for r in train], label="train return after adapting")
     else:
-        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train query loss")
+        if train:
+            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train query loss")
         if val:
             axes[0].plot([r["step"] for r in val], [r["val"]["loss"][-1] for r in val], "o-", label="val query loss")
     axes[0].set_xlabel("meta-iteration")
     if axes[0].lines:
         axes[0].legend()
+    if not train:
+        axes[0].text(0.5, 0.5, "no training loss logged yet\n(--log-every is longer than the run)",
+                     ha="center", va="center", transform=axes[0].transAxes)
     for key in ("accuracy", "returns"):
         if val and key in val[-1]["val"]:
             axes[1].plot([r["step"] for r in val], [r["val"][key][-1] for r in val], "o-",

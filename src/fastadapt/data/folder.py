@@ -9,11 +9,12 @@ import torch
 
 from .imageset import ImageSet, load_images
 from .source import DataSource
-from .transform import ImageTransform, image_files, polarity
+from .transform import ImageTransform, image_files, polarity, sub_folder_notice
 
 
 class ImageFolder(ImageSet):
-    """Every sub-folder of ``root`` is a class, every file in it an image (any format Pillow reads).
+    """Every sub-folder of ``root`` is a class, every file directly in it an image (any format
+    Pillow reads); deeper folders are not read, with a warning naming them.
 
     Images are converted to ``channels`` (1: grey, 3: RGB), resized to ``image_size`` squared and,
     with ``invert=True``, inverted (``255 - pixel``). A file whose suffix is not an image format's
@@ -36,11 +37,16 @@ class ImageFolder(ImageSet):
             raise ValueError(f"ImageFolder: {root} has no class sub-folders (expected root/<class>/<image>)")
         files, labels = [], []
         for label, name in enumerate(classes):
-            members, others = image_files(root / name)
+            members, others, sub_folders = image_files(root / name)
             for other in others:
                 warnings.warn(f"skipping {other}: not an image file", stacklevel=2)
             if not members:
-                raise ValueError(f"ImageFolder: class folder {root / name} holds no image files")
+                layout = (f"; {sub_folder_notice(sub_folders)} (the layout is root/<class>/<image>, "
+                          f"one level deep)" if sub_folders else "")
+                raise ValueError(f"ImageFolder: class folder {root / name} holds no image files{layout}")
+            if sub_folders:
+                warnings.warn(f"ImageFolder: class folder {root / name}: {sub_folder_notice(sub_folders)}; "
+                              f"only the images directly in it are", stacklevel=2)
             files += members
             labels += [label] * len(members)
         transform = ImageTransform(image_size, channels, invert=invert, convert_channels=not strict_channels)

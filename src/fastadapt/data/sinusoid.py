@@ -67,8 +67,9 @@ class SinusoidSource(DataSource):
     needs_root = False
     loss = "mse"
     network = "mlp"
-    ignores = {key: "the sinusoid tasks are regression of K points" for key in
-               ("n_way", "image_size", "channels", "augment", "group_by", "hidden")}
+    ignores = {**{key: "the sinusoid tasks are regression of K points" for key in
+                  ("n_way", "image_size", "channels", "augment", "group_by", "hidden")},
+               "query_statistics": "its network has no BatchNorm"}
 
     @classmethod
     def default_transform(cls, config):

@@ -206,10 +206,19 @@ def polarity(images: torch.Tensor, sample: int = 512) -> Optional[str]:
     return "light" if light > 0.5 else "dark"
 
 
-def image_files(folder: Path) -> Tuple[list, list]:
-    """The files under ``folder`` (recursively, sorted, hidden ones left out), split into those
-    whose suffix names an image format and the others."""
-    files = sorted(p for p in Path(folder).rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def image_files(folder: Path) -> Tuple[list, list, list]:
+    """The files directly in ``folder`` (sorted, hidden ones left out), split into those whose
+    suffix names an image format and the others, and its sub-folders. Sub-folders are not read:
+    a class is the images in its own folder, so ``root/alphabet/character/`` does not silently
+    merge characters into one class, and a folder linked to ``/`` is not walked."""
+    entries = sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    return images, others, [p for p in entries if p.is_dir()]
+
+
+def sub_folder_notice(sub_folders: list) -> str:
+    """The clause that says a folder's sub-folders are not read."""
+    names = ", ".join(p.name for p in sub_folders[:3]) + (", ..." if len(sub_folders) > 3 else "")
+    return f"its {len(sub_folders)} sub-folder(s) ({names}) are not read"

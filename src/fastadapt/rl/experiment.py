@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
 from ..config import ConfigError, RunConfig
 from .envs import family
 from .maml_trpo import RULES, MAMLTRPO
@@ -14,10 +13,12 @@ from .policies import CategoricalMLPPolicy, GaussianMLPPolicy
 
 
 class TaskParams:
-    """A meta-batch of tasks as ``Trainer`` and ``evaluate`` handle one: ``tasks`` ``[T, P]``."""
+    """A meta-batch of tasks as ``Trainer`` and ``evaluate`` handle one: ``tasks`` ``[T, P]``, the
+    first of which is task ``first`` of the whole meta-batch (a process of a distributed run holds
+    a slice; each task's sampling noise is keyed on its place in the whole)."""
 
-    def __init__(self, tasks: torch.Tensor):
-        self.tasks = tasks
+    def __init__(self, tasks: torch.Tensor, first: int = 0):
+        self.tasks, self.first = tasks, int(first)
 
     @property
     def num_tasks(self) -> int:
@@ -26,8 +27,11 @@ class TaskParams:
     def to(self, device=None, dtype=None) -> "TaskParams":
         return self  # environments step on the CPU, in their own precision
 
-    def __getitem__(self, index) -> "TaskParams":
-        return TaskParams(self.tasks[index])
+    def __getitem__(self, index: slice) -> "TaskParams":
+        start = range(self.num_tasks)[index].start if isinstance(index, slice) else None
+        if start is None or index.step not in (None, 1):
+            raise TypeError("TaskParams takes a contiguous slice of its tasks")
+        return TaskParams(self.tasks[index], self.first + start)
 
 
 class TaskStream:
@@ -63,8 +67,6 @@ def check(config: RunConfig) -> RunConfig:
                                   f"{', '.join(RULES)}", "AlgorithmConfig.name")
     if config.algorithm.inner_steps < 1:
         raise ConfigError("inner_steps", "must be at least 1 for a meta-RL run", "AlgorithmConfig.inner_steps")
-    if distributed.current().enabled:
-        raise ValueError("meta-RL runs are not yet distributed over processes: run one process")
     if config.training.device != "cpu":
         raise ConfigError("device", f"is {config.training.device!r}; meta-RL runs sample and train on the cpu "
                                     "(the policies are small, the environments step on the CPU)", "TrainingConfig.device")
@@ -110,7 +112,7 @@ def build_tasks(config: RunConfig, splits=("train", "val", "test")) -> dict:
     for split, count, offset in (("val", config.rl.val_tasks, 1), ("test", config.rl.test_tasks, 2)):
         if split in splits:
             drawn = tasks.sample_tasks(count, torch.Generator().manual_seed(seed + 1_000_000 * offset))
-            out[split] = [TaskParams(part) for part in drawn.split(batch)]
+            out[split] = [TaskParams(part, batch * i) for i, part in enumerate(drawn.split(batch))]
     return out
 
 

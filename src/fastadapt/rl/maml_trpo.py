@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from .. import distributed
 from ..algorithms import MAML, MetaSGD
 from ..algorithms.functional import detach
 from . import returns as R
@@ -78,18 +79,20 @@ class MAMLTRPO(nn.Module):
     or ``"metasgd"``; ``trajectories`` per task and ``horizon`` per trajectory, for the support and
     the query sets alike; ``gamma``/``gae_lambda``: returns and GAE with the linear feature baseline
     refitted per task, advantages normalised per task; ``task_chunk``: tasks per chunk of the outer
-    step (None: all at once; results do not depend on it); TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
+    step ("auto": by time steps, see ``_parts``; None: all at once; results do not depend on it); TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
     ``ls_steps``, ``ls_ratio``; PPO: ``ppo_clip``, ``ppo_epochs`` with the optimiser
     ``make_optimizer`` gives (Adam at ``meta_lr``). At test time the steps after the first take half
     the rate (the paper's app. A.2: halving it after the first step did better).
     """
+
+    CHUNK_ROWS = 10_000  # time steps per chunk of the outer step under task_chunk="auto"
 
     def __init__(self, policy: nn.Module, family, inner_lr: float = 0.1, inner_steps: int = 1,
                  first_order: bool = False, rule: str = "maml", trajectories: int = 20, horizon: Optional[int] = None,
                  gamma: float = 0.99, gae_lambda: float = 1.0, outer: str = "trpo", max_kl: float = 0.01,
                  cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15, ls_ratio: float = 0.8,
                  hvp_fraction: float = 1.0, ppo_clip: float = 0.2, ppo_epochs: int = 5, seed: int = 0,
-                 task_chunk: Optional[int] = 2):
+                 task_chunk="auto"):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -97,6 +100,9 @@ class MAMLTRPO(nn.Module):
             raise ValueError(f"outer must be 'trpo' or 'ppo', got {outer!r}")
         if not 0 < hvp_fraction <= 1:
             raise ValueError(f"hvp_fraction must be in (0, 1], got {hvp_fraction!r}")
+        if not (task_chunk in (None, "auto") or isinstance(task_chunk, int) and not isinstance(task_chunk, bool)
+                and task_chunk > 0):
+            raise ValueError(f"task_chunk must be 'auto', None or a positive integer, got {task_chunk!r}")
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
         if family.num_actions is not None and not getattr(policy, "discrete", False) or \
@@ -132,12 +138,17 @@ class MAMLTRPO(nn.Module):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
     # ------------------------------------------------------------------ data
-    def _generator(self, tasks: torch.Tensor, step: int, test: bool) -> torch.Generator:
-        """Action noise of one sampling phase, from the seed, the tasks, the phase and (in training)
-        the iteration, so a run and its resumed copy sample alike and evaluation is the same each time."""
-        key = int(torch.as_tensor(tasks).double().abs().sum().mul(1e6).round().item()) % 1_000_003
+    def _generators(self, tasks: torch.Tensor, first: int, step: int, test: bool) -> list:
+        """One generator of action noise per task for one sampling phase, from the seed, the task's
+        parameters and its place ``first + i`` in the meta-batch, the phase and (in training) the
+        iteration: a run and its resumed copy sample alike, evaluation is the same each time, and a
+        process of a distributed run draws for its tasks what one process would."""
         iteration = -1 if test else self.iteration
-        return torch.Generator().manual_seed(((self.seed * 1_000_003 + key) * 100_003 + iteration) * 101 + step + 1)
+        values = torch.as_tensor(tasks).double().reshape(tasks.shape[0], -1)
+        keys = values.abs().sum(1).mul(1e6).round().long().remainder(1_000_003).tolist()
+        return [torch.Generator().manual_seed(((((self.seed * 1_000_003 + key) * 100_003 + iteration) * 101 + step)
+                                               * 10_007 + first + i) % (2 ** 63))
+                for i, key in enumerate(keys)]
 
     def advantages(self, trajectories: Trajectories) -> torch.Tensor:
         """GAE over the linear baseline fitted to this task's returns, normalised per task."""
@@ -174,15 +185,21 @@ class MAMLTRPO(nn.Module):
             fast, per_task = self.inner_step(fast, per_task, observations, target, create_graph), True
         return fast
 
-    def collect(self, tasks: torch.Tensor, steps: int, test: bool = False):
+    def collect(self, tasks: torch.Tensor, steps: int, test: bool = False, first: int = 0):
         """Sample and adapt without a graph: the support data of each step, each task's adapted
-        weights, and the trajectories before adapting and after each step (``steps + 1`` sets)."""
-        env = self.family.make_env(tasks, self.trajectories, seed=self.seed + (0 if test else self.iteration))
+        weights, and the trajectories before adapting and after each step (``steps + 1`` sets).
+        ``first``: the place of ``tasks[0]`` in the meta-batch (see ``_generators``); the
+        environment copies are seeded by their place in it too (gymnasium's vector environments
+        seed copy k with seed + k)."""
+        phase = 0 if test else self.iteration + 1
+        seed = ((self.seed * 100_003 + phase) * 10_007 + first * self.trajectories) % (2 ** 31)
+        env = self.family.make_env(tasks, self.trajectories, seed=seed)
         try:
             fast, per_task = detach(self.learner.meta_params()), False
             support, sampled = [], []
             for step in range(steps + 1):
-                trajectories = sample(env, self.policy, fast, self.horizon, self._generator(tasks, step, test), per_task)
+                trajectories = sample(env, self.policy, fast, self.horizon,
+                                      self._generators(tasks, first, step, test), per_task)
                 sampled.append(trajectories)
                 if step == steps:
                     break
@@ -209,12 +226,18 @@ class MAMLTRPO(nn.Module):
         kl = (self.policy.kl(old_out, out) * mask).sum(1) / count
         return surrogate, kl, ratio
 
-    def _parts(self, support, query: Trajectories, *per_task):
-        """The iteration's data in chunks of ``task_chunk`` tasks, each with its share of the tasks:
-        the outer step runs chunk by chunk so that a chunk's working set stays in cache (one task
-        of 20 x 100 steps is 2,000 rows), as the supervised engine does."""
+    def _parts(self, support, query: Trajectories, *per_task, rows_per_task: Optional[int] = None):
+        """The iteration's data in chunks of tasks, each with its share of the tasks: the outer
+        step runs chunk by chunk so that a chunk's working set stays in cache, as the supervised
+        engine does. ``task_chunk="auto"`` bounds a chunk to about ``CHUNK_ROWS`` time steps (of
+        ``rows_per_task`` each, by default a task's query steps): 5 tasks of 20 x 100 steps, all 20
+        tasks for curvature on a fifth of them (measured fastest by benchmarks/rl_navigation.py)."""
         total = query.mask.shape[0]
-        size = self.task_chunk or total
+        if self.task_chunk == "auto":
+            rows = rows_per_task or query.mask.shape[1] * query.mask.shape[2]
+            size = max(1, self.CHUNK_ROWS // rows)
+        else:
+            size = self.task_chunk or total
         for start in range(0, total, size):
             part = slice(start, start + size)
             share = len(range(total)[part]) / total
@@ -268,7 +291,8 @@ class MAMLTRPO(nn.Module):
         ``u``) and one vector-Jacobian product, with no third derivatives of the inner loss; the
         graphs are built once per iteration, one per chunk of tasks."""
         params, graphs = list(self.parameters()), []
-        for share, s, q, o in self._parts(support, query, old_out):
+        rows = max(1, math.ceil(self.hvp_fraction * query.mask.shape[1])) * query.mask.shape[2]
+        for share, s, q, o in self._parts(support, query, old_out, rows_per_task=rows):
             out, old, weights = self._kl_graph(s, q, o)
             probe = torch.zeros_like(out, requires_grad=True)
             transposed = torch.autograd.grad(out, params, grad_outputs=probe, create_graph=True)
@@ -276,20 +300,21 @@ class MAMLTRPO(nn.Module):
 
         def product(vector):
             pieces = [vector[o:o + p.numel()].view_as(p) for o, p in zip(_offsets(params), params)]
-            total = self.cg_damping * vector
+            total = 0
             for out, old, weights, probe, transposed in graphs:
                 jv = torch.autograd.grad(transposed, probe, grad_outputs=pieces, retain_graph=True)[0]
                 metric_jv = self.policy.kl_hessian_product(old, jv) * weights[..., None]
                 hv = torch.autograd.grad(out, params, grad_outputs=metric_jv, retain_graph=True)
                 total = total + torch.cat([h.reshape(-1) for h in hv])
-            return total
+            return self.cg_damping * vector + _mean_over_processes(total)
         return product
 
     # ------------------------------------------------------------------ one meta-iteration
-    def prepare(self, tasks: torch.Tensor):
-        """Everything an outer step needs for ``tasks``: support data, query trajectories sampled
-        with the adapted policies, their advantages and the adapted policies' outputs."""
-        support, fast, sampled = self.collect(tasks, self.inner_steps)
+    def prepare(self, tasks: torch.Tensor, first: int = 0):
+        """Everything an outer step needs for ``tasks`` (the first at place ``first`` of the
+        meta-batch): support data, query trajectories sampled with the adapted policies, their
+        advantages and the adapted policies' outputs."""
+        support, fast, sampled = self.collect(tasks, self.inner_steps, first=first)
         query = sampled[-1]
         advantages = self.advantages(query)
         with torch.no_grad():
@@ -299,8 +324,12 @@ class MAMLTRPO(nn.Module):
         return support, query, advantages, old_out, old_log_prob, returns
 
     def train_step(self, batch, optimizer, *, per_step: bool = False, clip_grad=None, before_update=None):
+        """One meta-iteration on ``batch`` (a ``TaskParams`` or a tensor of tasks). Under
+        torch.distributed each process holds a slice of the meta-batch; the gradient (through
+        ``before_update``, the Trainer's average), every curvature product and the line search's
+        surrogate and KL are averaged over the processes, so all take the step one process would."""
         tasks = batch.tasks if hasattr(batch, "tasks") else batch
-        support, query, advantages, old_out, old_log_prob, returns = self.prepare(tasks)
+        support, query, advantages, old_out, old_log_prob, returns = self.prepare(tasks, getattr(batch, "first", 0))
         if self.outer == "ppo":
             return self._ppo(support, query, advantages, old_out, old_log_prob, returns, optimizer, clip_grad,
                              before_update)
@@ -309,10 +338,13 @@ class MAMLTRPO(nn.Module):
     def _trpo(self, support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update):
         params = list(self.parameters())
         loss, grads = self.meta_gradient(support, query, advantages, old_out, old_log_prob)
-        g = torch.cat([x.reshape(-1) for x in grads]).detach()
+        for p, grad in zip(params, grads):
+            p.grad = grad.detach()
         out = RLOutput(loss=loss, returns=returns)
         if before_update is not None:
-            before_update(out)
+            before_update(out)  # the Trainer averages .grad over processes and guards the loss here
+        g = torch.cat([p.grad.reshape(-1) for p in params]).detach()
+        loss = _mean_over_processes(loss)
         product = self.kl_hvp(support, query, old_out)
         direction = conjugate_gradient(product, g, self.cg_iters)
         curvature = 0.5 * torch.dot(direction, product(direction))
@@ -327,6 +359,7 @@ class MAMLTRPO(nn.Module):
             for k in range(self.ls_steps):
                 torch.nn.utils.vector_to_parameters(start - self.ls_ratio ** k * full_step, params)
                 new_loss, new_kl = self.objective(support, query, advantages, old_out, old_log_prob, False)
+                new_loss, new_kl = _mean_over_processes(torch.stack([new_loss, new_kl]))
                 if new_loss < loss and new_kl <= self.max_kl and torch.isfinite(new_loss):
                     accepted, kl_value = True, float(new_kl)
                     break
@@ -357,7 +390,9 @@ class MAMLTRPO(nn.Module):
             if first is None:
                 first = out
                 if before_update is not None:
-                    before_update(out)
+                    before_update(out)  # averages .grad over processes
+            else:
+                distributed.average_gradients(self.parameters(), distributed.current())
             if clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), clip_grad)
             optimizer.step()
@@ -372,9 +407,15 @@ class MAMLTRPO(nn.Module):
         tasks = batch.tasks if hasattr(batch, "tasks") else batch
         steps = self.inner_steps if inner_steps is None else inner_steps
         with torch.no_grad():
-            _, _, sampled = self.collect(tasks, steps, test=True)
+            _, _, sampled = self.collect(tasks, steps, test=True, first=getattr(batch, "first", 0))
         returns = torch.stack([t.task_returns() for t in sampled], dim=1)
         return RLOutput(loss=-returns[:, -1].mean(), returns=returns)
+
+
+def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the processes of a distributed run (each holds as many tasks);
+    ``value`` itself in one process."""
+    return distributed.average(value, distributed.current())
 
 
 def _offsets(params) -> list:

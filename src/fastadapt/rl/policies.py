@@ -19,6 +19,29 @@ from torch import nn
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
+def _linear(params: dict, name: str, x: torch.Tensor, per_task: bool) -> torch.Tensor:
+    """``x @ W^T + b`` with the weights ``params[name + ".weight"]``/``".bias"``; with
+    ``per_task`` each task's own (a leading task axis on weights and ``x``), as one batched
+    matrix product."""
+    weight, bias = params[name + ".weight"], params[name + ".bias"]
+    if not per_task:
+        return torch.nn.functional.linear(x, weight, bias)
+    shape = x.shape
+    out = torch.baddbmm(bias[:, None, :], x.reshape(shape[0], -1, shape[-1]), weight.transpose(1, 2))
+    return out.reshape(*shape[:-1], weight.shape[1])
+
+
+def mlp_outputs(body: nn.Sequential, head: str, params: dict, x: torch.Tensor, per_task: bool) -> torch.Tensor:
+    """The output of ``body`` (Linear and stateless activations) then the Linear ``head``, with
+    ``params`` named as the policy's ``named_parameters``: what ``functional_call`` computes, as
+    plain matrix products. Sampling calls it once per time step, where ``functional_call`` (and
+    ``vmap`` over per-task weights) cost more than the products themselves (measured in
+    ``benchmarks/rl_navigation.py``)."""
+    for index, module in enumerate(body):
+        x = _linear(params, f"body.{index}", x, per_task) if isinstance(module, nn.Linear) else module(x)
+    return _linear(params, head, x, per_task)
+
+
 def _body(inputs: int, hidden: Sequence[int], activation: str) -> nn.Sequential:
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
@@ -51,13 +74,27 @@ class GaussianMLPPolicy(nn.Module):
         mean = self.mean(self.body(observations))
         return torch.cat([mean, self.log_std.expand_as(mean)], dim=-1)
 
+    def outputs(self, params: dict, observations: torch.Tensor, per_task: bool) -> torch.Tensor:
+        """``forward`` with ``params`` (each task's own along a leading axis if ``per_task``)."""
+        mean = mlp_outputs(self.body, "mean", params, observations, per_task)
+        log_std = params["log_std"]
+        log_std = log_std.reshape(log_std.shape[0], *[1] * (mean.dim() - 2), -1) if per_task else log_std
+        return torch.cat([mean, log_std.expand_as(mean)], dim=-1)
+
     def split(self, out: torch.Tensor):
         return out[..., : self.action_dim], out[..., self.action_dim:]
 
-    def sample(self, out: torch.Tensor, generator=None) -> torch.Tensor:
+    def noise(self, shape, generator=None, dtype=torch.float32) -> torch.Tensor:
+        """Standard normal noise for ``sample``: ``[*shape, action_dim]``."""
+        return torch.randn(*shape, self.action_dim, generator=generator, dtype=dtype)
+
+    def sample(self, out: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """Actions for the outputs ``out``: ``mean + std * noise``, with ``noise`` from ``noise()``
+        (drawn here from ``generator`` when not given)."""
         mean, log_std = self.split(out)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return mean + log_std.exp() * noise
+        if noise is None:
+            noise = self.noise(mean.shape[:-1], generator, mean.dtype)
+        return mean + log_std.exp() * noise.to(mean)
 
     def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Log-density of ``actions`` ``[..., A]``, summed over action dimensions: ``[...]``."""
@@ -96,10 +133,22 @@ class CategoricalMLPPolicy(nn.Module):
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return self.logits(self.body(observations))
 
-    def sample(self, out: torch.Tensor, generator=None) -> torch.Tensor:
-        probabilities = out.softmax(-1).reshape(-1, out.shape[-1])
-        picks = torch.multinomial(probabilities, 1, generator=generator)
-        return picks.reshape(*out.shape[:-1], 1).to(out.dtype)
+    def outputs(self, params: dict, observations: torch.Tensor, per_task: bool) -> torch.Tensor:
+        """``forward`` with ``params`` (each task's own along a leading axis if ``per_task``)."""
+        return mlp_outputs(self.body, "logits", params, observations, per_task)
+
+    def noise(self, shape, generator=None, dtype=torch.float32) -> torch.Tensor:
+        """Uniform noise in [0, 1) for ``sample``: ``[*shape, 1]``."""
+        return torch.rand(*shape, 1, generator=generator, dtype=dtype)
+
+    def sample(self, out: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """Action indices for the logits ``out`` (one float column) by inverting the cumulative
+        distribution at ``noise`` from ``noise()`` (drawn here from ``generator`` when not given)."""
+        if noise is None:
+            noise = self.noise(out.shape[:-1], generator, out.dtype)
+        cumulative = out.softmax(-1).cumsum(-1)
+        picks = (cumulative < noise.to(cumulative)).sum(-1, keepdim=True).clamp_max(out.shape[-1] - 1)
+        return picks.to(out.dtype)
 
     def log_prob(self, out: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return out.log_softmax(-1).gather(-1, actions.long()).squeeze(-1)
