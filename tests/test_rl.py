@@ -59,6 +59,29 @@ def test_policy_log_probabilities_and_kl_match_torch_distributions():
         torch.testing.assert_close(p.kl_hessian_product(o, u), hessian @ u)
 
 
+def test_sampled_actions_follow_the_policies_distributions_and_their_noise():
+    """Categorical actions by inverse CDF at the given uniform noise, Gaussian ones mean + std *
+    noise: frequencies and moments over many draws, and the same noise gives the same actions."""
+    torch.manual_seed(0)
+    discrete = CategoricalMLPPolicy(3, 4, hidden=(8,)).double()
+    logits = discrete(torch.randn(1, 3, dtype=torch.float64)).expand(200_000, 4)
+    picks = discrete.sample(logits, torch.Generator().manual_seed(3))[:, 0].long()
+    frequencies = torch.bincount(picks, minlength=4).double() / picks.numel()
+    torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=4e-3, rtol=0)
+    edges = torch.tensor([[0.0], [1 - 1e-12], [0.9999999999999999]], dtype=torch.float64)
+    assert discrete.sample(logits[:3], noise=edges)[:, 0].tolist() == [0.0, 3.0, 3.0]  # never out of range
+    noise = discrete.noise((5,), torch.Generator().manual_seed(4), torch.float64)
+    assert torch.equal(discrete.sample(logits[:5], noise=noise), discrete.sample(logits[:5], noise=noise))
+    gaussian = GaussianMLPPolicy(3, 2, hidden=(8,), init_std=0.5).double()
+    out = gaussian(torch.randn(1, 3, dtype=torch.float64)).expand(200_000, 4)
+    actions = gaussian.sample(out, torch.Generator().manual_seed(5))
+    mean, log_std = gaussian.split(out[0])
+    torch.testing.assert_close(actions.mean(0), mean, atol=5e-3, rtol=0)
+    torch.testing.assert_close(actions.std(0), log_std.exp(), atol=5e-3, rtol=0)
+    noise = gaussian.noise((2,), torch.Generator().manual_seed(6), torch.float64)
+    torch.testing.assert_close(gaussian.sample(out[:2], noise=noise), mean + log_std.exp() * noise)
+
+
 def test_returns_gae_and_the_linear_baseline_against_references():
     g = torch.Generator().manual_seed(0)
     rewards = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
@@ -161,6 +184,10 @@ def test_hessian_vector_product_equals_finite_differences_and_the_exact_one():
     hvp = learner.kl_hvp(support, query, old_out)
     x = conjugate_gradient(hvp, v, iterations=200)
     torch.testing.assert_close(hvp(x), v, rtol=1e-5, atol=1e-6)
+    # after a few iterations x is far from the solution; the A x it accumulates is still exact
+    x, ax = conjugate_gradient(hvp, v, iterations=3, return_product=True)
+    torch.testing.assert_close(ax, hvp(x), rtol=1e-6, atol=1e-9)
+    assert (ax - v).norm() > 1e-3 * v.norm()
 
 
 def test_an_accepted_trpo_step_keeps_the_kl_bound_and_improves_the_surrogate():

@@ -346,8 +346,8 @@ class MAMLTRPO(nn.Module):
         g = torch.cat([p.grad.reshape(-1) for p in params]).detach()
         loss = _mean_over_processes(loss)
         product = self.kl_hvp(support, query, old_out)
-        direction = conjugate_gradient(product, g, self.cg_iters)
-        curvature = 0.5 * torch.dot(direction, product(direction))
+        direction, curved = conjugate_gradient(product, g, self.cg_iters, return_product=True)
+        curvature = 0.5 * torch.dot(direction, curved)
         del product
         if not (curvature > 0 and torch.isfinite(curvature)):
             out.kl, out.accepted = 0.0, False
@@ -426,19 +426,23 @@ def _offsets(params) -> list:
     return offsets
 
 
-def conjugate_gradient(product, b: torch.Tensor, iterations: int, tolerance: float = 1e-10) -> torch.Tensor:
-    """Solve ``A x = b`` for a symmetric positive definite ``A`` given as ``product(v) = A v``."""
-    x = torch.zeros_like(b)
+def conjugate_gradient(product, b: torch.Tensor, iterations: int, tolerance: float = 1e-10,
+                       return_product: bool = False):
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` given as ``product(v) = A v``.
+    With ``return_product``, also ``A x``, accumulated from the products the iterations took
+    (``x`` is a sum of search directions), which saves TRPO one more product for its step size."""
+    x, ax = torch.zeros_like(b), torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rr = torch.dot(r, r)
     for _ in range(iterations):
         ap = product(p)
         alpha = rr / torch.dot(p, ap)
         x = x + alpha * p
+        ax = ax + alpha * ap
         r = r - alpha * ap
         new_rr = torch.dot(r, r)
         if new_rr < tolerance:
             break
         p = r + (new_rr / rr) * p
         rr = new_rr
-    return x
+    return (x, ax) if return_product else x
