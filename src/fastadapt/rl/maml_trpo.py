@@ -192,7 +192,7 @@ class MAMLTRPO(nn.Module):
         environment copies are seeded by their place in it too (gymnasium's vector environments
         seed copy k with seed + k)."""
         phase = 0 if test else self.iteration + 1
-        seed = ((self.seed * 100_003 + phase) * 10_007 + first * self.trajectories) % (2 ** 31)
+        seed = (self.seed * 100_003 + phase) * 10_007 % (2 ** 30) + first * self.trajectories  # no wrap-around
         env = self.family.make_env(tasks, self.trajectories, seed=seed)
         try:
             fast, per_task = detach(self.learner.meta_params()), False
@@ -264,10 +264,14 @@ class MAMLTRPO(nn.Module):
             loss = loss + part.detach()
         return loss, grads
 
+    def _curvature_trajectories(self, query: Trajectories) -> int:
+        """How many of each task's trajectories the curvature products use (``hvp_fraction``)."""
+        return max(1, math.ceil(self.hvp_fraction * query.mask.shape[1]))
+
     def _kl_graph(self, support, query, old_out):
         """The policy's outputs on (a share of) the query steps as a function of the outer
         parameters, with the same old outputs and the weight of each step in the mean KL."""
-        share = max(1, math.ceil(self.hvp_fraction * query.mask.shape[1]))
+        share = self._curvature_trajectories(query)
         part = query.subset(share)
         if share < query.mask.shape[1]:  # the curvature of a smaller problem: adapted on a share too
             support = [(o[:, :share * (o.shape[1] // query.mask.shape[1])],
@@ -291,7 +295,7 @@ class MAMLTRPO(nn.Module):
         ``u``) and one vector-Jacobian product, with no third derivatives of the inner loss; the
         graphs are built once per iteration, one per chunk of tasks."""
         params, graphs = list(self.parameters()), []
-        rows = max(1, math.ceil(self.hvp_fraction * query.mask.shape[1])) * query.mask.shape[2]
+        rows = self._curvature_trajectories(query) * query.mask.shape[2]
         for share, s, q, o in self._parts(support, query, old_out, rows_per_task=rows):
             out, old, weights = self._kl_graph(s, q, o)
             probe = torch.zeros_like(out, requires_grad=True)
