@@ -112,6 +112,21 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     expected = "expected a fastadapt checkpoint (a torch.save'd dict with 'model' and 'config')"
+    payload = load_tensors(path, expected, map_location)
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        kind = f"a dict with keys {sorted(payload)[:6]}" if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: holds {kind}; {expected}")
+    if not isinstance(payload["config"], dict):
+        raise ValueError(f"{path}: its 'config' is a {type(payload['config']).__name__}, not a dict; {expected}")
+    return payload
+
+
+def load_tensors(path, expected: str, map_location="cpu"):
+    """What ``torch.save`` wrote to ``path``, loaded with ``weights_only=True`` after the size
+    check below; errors name the file and end with ``expected``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path}: the file is empty (0 bytes); {expected}")
@@ -126,11 +141,6 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes; truncated, or not "
                          f"one: {type(error).__name__}); {expected}") from error
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        kind = f"a dict with keys {sorted(payload)[:6]}" if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(f"{path}: holds {kind}; {expected}")
-    if not isinstance(payload["config"], dict):
-        raise ValueError(f"{path}: its 'config' is a {type(payload['config']).__name__}, not a dict; {expected}")
     return payload
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 
 class ConfigError(ValueError):
@@ -147,17 +147,42 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: conv4 with ``hidden`` filters and ``pool`` (``"max"`` or ``"stride"``; by
-    image size) and ``outputs`` head units (None: ``n_way``), the reference code's config list
-    ``network``, and the dtype of the weights."""
+    """The network: the ``backbone`` (``"conv4"`` with ``hidden`` filters and ``pool``, ``"max"``
+    or ``"stride"`` by image size; or ``"resnet12"`` with four ``widths``, default 64-160-320-640,
+    and DropBlock's ``drop_block`` probability) and ``outputs`` head units (None: ``n_way``), or
+    the reference code's config list ``network``; and the dtype of the weights."""
 
     hidden: Optional[int] = None
     pool: Optional[str] = None
     network: Any = None
     dtype: str = "float32"
-    outputs: Optional[int] = None  # conv4's head; None: the episodes' n_way
+    outputs: Optional[int] = None  # the head's units; None: the episodes' n_way
+    backbone: str = "conv4"
+    widths: Optional[List[int]] = None
+    drop_block: float = 0.0
+    init: Optional[str] = None  # the run or state-dict file the backbone was started from
+
+    BACKBONES = ("conv4", "resnet12")
 
     def check(self) -> None:
+        if self.backbone not in self.BACKBONES:
+            raise ConfigError("backbone", f"must be one of {', '.join(self.BACKBONES)}, got {self.backbone!r}",
+                              "ModelConfig.backbone")
+        if self.widths is not None:
+            if isinstance(self.widths, tuple):
+                self.widths = list(self.widths)
+            if (not isinstance(self.widths, list) or len(self.widths) != 4
+                    or not all(type(w) is int and w > 0 for w in self.widths)):
+                raise ConfigError("widths", f"must be four positive integers (64,160,320,640), got {self.widths!r}",
+                                  "ModelConfig.widths")
+            if self.backbone != "resnet12":
+                raise ConfigError("widths", "are ResNet-12's; conv4's width is hidden", "ModelConfig.widths")
+        if not isinstance(self.drop_block, (int, float)) or isinstance(self.drop_block, bool) \
+                or not 0.0 <= self.drop_block < 1.0:
+            raise ConfigError("drop_block", f"must be a probability in [0, 1), got {self.drop_block!r}",
+                              "ModelConfig.drop_block")
+        if self.drop_block and self.backbone != "resnet12":
+            raise ConfigError("drop_block", "is ResNet-12's DropBlock; conv4 has none", "ModelConfig.drop_block")
         if self.hidden is not None:
             _integer("hidden", self.hidden, "ModelConfig.hidden", positive=True)
         if self.outputs is not None:

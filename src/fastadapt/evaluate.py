@@ -32,8 +32,17 @@ class EvalResult:
     tasks: int
     returns: Optional[torch.Tensor] = None      # meta-RL: mean return per step, before adapting first
     returns_ci: Optional[torch.Tensor] = None
+    per_step: bool = True  # False: a learner without inner steps, scored once (one row)
 
     def table(self) -> str:
+        if not self.per_step:
+            lines = [f"{self.tasks} test tasks, mean and 95% confidence interval:"]
+            if self.accuracy is not None:
+                lines.append(f"accuracy {100 * self.accuracy[-1]:.2f}% ± {100 * self.accuracy_ci[-1]:.2f}, "
+                             f"loss {self.loss[-1]:.4f} ± {self.loss_ci[-1]:.4f}")
+            else:
+                lines.append(f"query loss {self.loss[-1]:.4f} ± {self.loss_ci[-1]:.4f}")
+            return "\n".join(lines)
         lines = [f"{self.tasks} test tasks, mean and 95% confidence interval per inner step:"]
         if self.returns is not None:
             lines.append(f"{'step':>4s} {'return':>20s}")
@@ -71,6 +80,8 @@ def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=
     ``progress`` shows a tqdm bar over the batches; ``should_stop``, checked between batches,
     ends the evaluation early, and then None is returned."""
     ctx = distributed.current()
+    per_step = getattr(learner, "takes_steps", True)
+    inner_steps = inner_steps if per_step else 0
     dtype = next(learner.parameters()).dtype
     local = []
     mine = distributed.shard(list(enumerate(episodes)), ctx)
@@ -95,4 +106,5 @@ def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=
                       accuracy_ci=None if accuracy is None else confidence_interval(accuracy),
                       loss=loss.mean(0), loss_ci=confidence_interval(loss), tasks=loss.shape[0],
                       returns=None if task_returns is None else task_returns.mean(0),
-                      returns_ci=None if task_returns is None else confidence_interval(task_returns))
+                      returns_ci=None if task_returns is None else confidence_interval(task_returns),
+                      per_step=per_step)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import algorithms, data, models
-from .checkpoint import built_in_python, find_checkpoint, load_checkpoint
+from .checkpoint import built_in_python, find_checkpoint, load_checkpoint, load_tensors
 from .config import SECTIONS, ConfigError, RunConfig
 
 # The MAML paper's settings (Finn, Abbeel and Levine, ICML 2017, section 5 and appendix A.1), as flat keys.
@@ -168,8 +168,12 @@ def resolve(config=None) -> RunConfig:
                           "AlgorithmConfig.name")
     d.image_size = d.image_size or source.image_size
     d.channels = d.channels or source.channels
-    m.pool = m.pool or ("max" if d.image_size > 32 else "stride")
-    m.hidden = m.hidden or (32 if m.pool == "max" else 64)
+    if m.backbone == "conv4":
+        m.pool = m.pool or ("max" if d.image_size > 32 else "stride")
+        m.hidden = m.hidden or (32 if m.pool == "max" else 64)
+    elif m.hidden is not None or m.pool is not None:
+        raise ConfigError("hidden" if m.hidden is not None else "pool",
+                          "is conv4's; ResNet-12's widths are set with widths", "ModelConfig.hidden")
     if source.needs_root and not d.root:
         raise ConfigError("root", f"is needed for data set {d.dataset} (a folder)", "DataConfig.root")
     if source.fixed_channels and d.channels != source.channels:
@@ -181,6 +185,15 @@ def resolve(config=None) -> RunConfig:
     check_device(c.training.device)
     if m.network is not None:
         _check_network(c)
+    if m.backbone == "resnet12":
+        if source.network != "conv4":
+            raise ConfigError("backbone", f"resnet12 is an image network; the {d.dataset} run uses its MLP",
+                              "ModelConfig.backbone")
+        if m.network is not None:
+            raise ConfigError("backbone", "resnet12 and a config-list network: give one", "ModelConfig.backbone")
+        if d.image_size < 16:
+            raise ConfigError("image_size", f"is {d.image_size}; resnet12 needs at least 16 (four 2x2 poolings)",
+                              "DataConfig.image_size")
     return c
 
 
@@ -240,8 +253,11 @@ def build_model(c: RunConfig):
         return models.mlp()
     if c.model.network is not None:  # the reference code's config list, with its initialisation
         return models.reference_init_(models.Learner(c.model.network))
-    return models.conv4(c.data.channels, c.model.outputs or c.data.n_way, c.model.hidden, c.data.image_size,
-                        c.model.pool)
+    outputs = c.model.outputs or c.data.n_way
+    if c.model.backbone == "resnet12":
+        return models.resnet12(c.data.channels, outputs, c.model.widths or models.RESNET12_WIDTHS, c.data.image_size,
+                               c.model.drop_block)
+    return models.conv4(c.data.channels, outputs, c.model.hidden, c.data.image_size, c.model.pool)
 
 
 def build_learner(c: RunConfig, model=None):
@@ -254,10 +270,79 @@ def build_learner(c: RunConfig, model=None):
 
 def build_data(c: RunConfig, splits=("train", "val", "test")):
     """The training task stream and the fixed validation and test tasks named in ``splits``, as the
-    run's data set (``data.source``) builds them."""
-    return data.source(c.data.dataset).build(c, splits)
+    run's data set (``data.source``) builds them: episodes, or for a learner trained by ordinary
+    classification (``class_batch_size``) labelled mini-batches, whose class count then sizes the
+    network's head (``ModelConfig.outputs``, set here when not given)."""
+    size = algorithms.registered()[c.algorithm.name].class_batch_size(c)
+    if size is None:
+        return data.source(c.data.dataset).build(c, splits)
+    out = data.source(c.data.dataset).build(c, splits, class_batches=size)
+    if "train" in out:
+        classes = out["train"].dataset.num_classes
+        if c.model.outputs not in (None, classes):
+            raise ConfigError("outputs", f"is {c.model.outputs}, but {c.algorithm.name} classifies the {classes} "
+                                         "training classes", "ModelConfig.outputs")
+        c.model.outputs = classes
+    return out
 
 
 def protocol_tasks(c: RunConfig, protocol: str, split=None, names=None, count: int = 600):
     """``(tasks, lines to print)`` of an evaluation protocol of the run's data set (Omniglot's ``lake``)."""
     return data.source(c.data.dataset).protocol_tasks(c, protocol, split, names, count)
+
+
+def _shape(tensor) -> str:
+    return "[" + ", ".join(map(str, tensor.shape)) + "]"
+
+
+def load_init(learner, source) -> str:
+    """Start ``learner``'s network from the backbone (its ``features``) of ``source``: a run folder
+    (its best.pt, else last.pt), a fastadapt checkpoint, or a file holding a network's state dict
+    (``torch.save(model.state_dict(), path)``; a ``module.`` prefix, as DistributedDataParallel
+    writes, is read too). The head is loaded as well when its shapes agree (a pretrained
+    classifier over the training classes does not fit a 5-way head, and is left as initialised).
+    Returns the line saying what was loaded; errors name the file, the weight and both shapes."""
+    path = Path(source)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--init {source}: no such run folder or file")
+    expected = "expected a run folder, a fastadapt checkpoint or a torch.save'd state dict"
+    payload = load_tensors(path, expected)
+    state = payload.get("model") if isinstance(payload, dict) and isinstance(payload.get("model"), dict) else payload
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"--init {path}: holds no tensors by name; {expected}")
+    weights = {}
+    for name, value in state.items():
+        for prefix in ("model.", "module."):
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        if torch.is_tensor(value):
+            weights[name] = value
+    network = learner.model if hasattr(learner, "model") else learner
+    target = network.state_dict()
+    backbone = [name for name in target if name.startswith("features.")]
+    if not backbone:
+        raise ValueError("--init: this network has no 'features' part to load (conv4 and resnet12 have one)")
+    missing = [name for name in backbone if name not in weights]
+    if len(missing) == len(backbone):
+        sample = ", ".join(sorted(weights)[:4])
+        raise ValueError(f"--init {path}: holds none of this network's backbone weights ({backbone[0]}, ...; it "
+                         f"holds {sample}, ...): is it a run of another backbone?")
+    if missing:
+        raise ValueError(f"--init {path}: lacks {missing[0]} (and {len(missing) - 1} more) of this network's backbone")
+    for name in backbone:
+        if weights[name].shape != target[name].shape:
+            raise ValueError(f"--init {path}: {name} is {_shape(weights[name])} there but {_shape(target[name])} in "
+                             "this network; --backbone, --hidden, --widths and --channels must be those of the run "
+                             "it comes from")
+    head = [name for name in target if not name.startswith("features.")]
+    head_fits = all(name in weights and weights[name].shape == target[name].shape for name in head)
+    chosen = backbone + (head if head_fits else [])
+    with torch.no_grad():
+        for name in chosen:
+            target[name].copy_(weights[name])
+    if head_fits and head:
+        return f"--init: backbone and head ({len(chosen)} tensors) loaded from {path}"
+    return (f"--init: backbone ({len(backbone)} tensors) loaded from {path}; the head is new"
+            + (f" (there {_shape(weights[head[0]])}, here {_shape(target[head[0]])})"
+               if head and head[0] in weights else ""))

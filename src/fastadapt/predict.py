@@ -69,7 +69,7 @@ class Predictor:
         if query_statistics not in self.QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {', '.join(self.QUERY_STATISTICS)}, "
                              f"got {query_statistics!r}")
-        self.learner, self.transform, self.n_way = learner, transform, n_way
+        self.learner, self.transform, self.n_way = learner.eval(), transform, n_way
         self.inner_steps, self.device = inner_steps, torch.device(device)
         self.query_statistics = query_statistics
         self._support_x: Optional[torch.Tensor] = None
@@ -80,17 +80,19 @@ class Predictor:
     @classmethod
     def load(cls, checkpoint, device=None, inner_steps: Optional[int] = None,
              bn_statistics: Optional[str] = None, invert: Optional[bool] = None, learner=None,
-             query_statistics: str = "support") -> "Predictor":
+             query_statistics: str = "support", head: Optional[str] = None) -> "Predictor":
         """A predictor from a checkpoint file or a run folder (its ``best.pt`` when present).
 
         ``device`` defaults to CUDA when available; ``inner_steps`` to the run's test-time steps;
         ``invert`` overrides the stored polarity (True: files are inverted, ``255 - pixel``);
-        ``query_statistics`` is described in the class docstring.
+        ``query_statistics`` is described in the class docstring; ``head`` scores a pretrain run
+        with another of its heads.
         A run of the command line rebuilds its learner from the stored configuration; for a model
         built in Python (``Trainer`` with your own learner) pass that ``learner`` to load into.
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        run = experiment.load_run(checkpoint, device=device, bn_statistics=bn_statistics, learner=learner)
+        run = experiment.load_run(checkpoint, changes=None if head is None else {"head": head}, device=device,
+                                  bn_statistics=bn_statistics, learner=learner)
         path, state, config = run.path, run.state, run.config
         if config.loss != "cross_entropy":
             raise ValueError(f"{path}: a {config.data.dataset} regressor; Predictor classifies images")
@@ -110,6 +112,8 @@ class Predictor:
         steps = config.algorithm.inner_steps_test if inner_steps is None else inner_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
+        if not getattr(learner, "takes_steps", True):
+            steps = 0
         predictor = cls(learner, transform, n_way, steps, device, query_statistics)
         predictor.checkpoint, predictor.step = path, state.get("step")
         return predictor
@@ -120,14 +124,15 @@ class Predictor:
         per-step statistics) or ``"none"`` (the model has no BatchNorm)."""
         if not any(isinstance(m, _BatchNorm) for m in self.learner.model.modules()):
             return "none"
-        if getattr(self.learner, "bn_statistics", "batch") == "running":
+        if (getattr(self.learner, "bn_statistics", "batch") == "running"
+                or self.learner.forward_policy().statistics == "running"):
             return "running"
         return self.query_statistics
 
     def describe_mode(self) -> str:
         """One line for the user: what a query's class depends on."""
         return {"none": "the model has no BatchNorm: each image is classified on its own",
-                "running": "BatchNorm uses the run's recorded per-step statistics: each image is classified on its own",
+                "running": "BatchNorm uses the statistics recorded in training: each image is classified on its own",
                 "support": "BatchNorm normalises each query with the support set's statistics: each image is "
                            "classified on its own",
                 "batch": "BatchNorm normalises the query images of one call together (transductive, as evaluation "

@@ -173,7 +173,11 @@ class Trainer:
             return
         d, m = self.config.data, self.config.model
         d.channels, d.image_size = spec["in_channels"], spec["image_size"]
-        m.hidden, m.pool = spec["hidden"], spec["pool"]
+        m.backbone = spec.get("backbone", "conv4")
+        if m.backbone == "resnet12":
+            m.widths, m.drop_block = list(spec["widths"]), spec["drop_prob"]
+        else:
+            m.hidden, m.pool = spec["hidden"], spec["pool"]
         m.outputs = None if spec["n_way"] == d.n_way else spec["n_way"]
 
     # ------------------------------------------------------------------ checkpoints

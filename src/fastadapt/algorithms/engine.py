@@ -24,8 +24,8 @@ A subclass that sets ``name`` registers itself (``registry.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-
 import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, Iterator, Optional, Tuple
@@ -71,6 +71,17 @@ _CPU_CHUNK_VALUES = 256 * 1024
 _LOSSES = {"cross_entropy": (F.cross_entropy, True), "mse": (F.mse_loss, False)}
 
 registered = registry.registered
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in evaluation mode for the block (DropBlock off), its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class MetaLearner(nn.Module):
@@ -178,6 +189,13 @@ class MetaLearner(nn.Module):
         """Yield the fast weights of ONE task: first the starting weights, then after each step."""
         raise NotImplementedError
 
+    @property
+    def takes_steps(self) -> bool:
+        """Whether adaptation is a number of inner steps (evaluation reports each); False for
+        learners whose adaptation has no steps (ProtoNet's prototypes), which evaluation scores
+        once."""
+        return True
+
     def create_graph(self) -> bool:
         """Whether the inner loop is differentiated through (second order) in ``meta_loss``."""
         return True
@@ -263,6 +281,19 @@ class MetaLearner(nn.Module):
     def forward_context(self):
         """Every forward pass the learner makes runs inside: its ``forward_policy()``."""
         return forward.applied(self.model, self.forward_policy())
+
+    def classification_context(self):
+        """Ordinary (non-episodic) training passes run inside: the learner's policy with batch
+        statistics that also update BatchNorm's running statistics (``forward.py``)."""
+        policy = dataclasses.replace(self.forward_policy(), statistics="batch", update_running=True)
+        return forward.applied(self.model, policy)
+
+    @classmethod
+    def class_batch_size(cls, config) -> Optional[int]:
+        """None: the learner trains on episodes (meta-batches of tasks). A learner trained by
+        ordinary classification over every training class returns its mini-batch size, and the
+        run's training stream is then ``ClassBatch``es of that many images."""
+        return None
 
     def task_chunks(self, batch, with_graph: Optional[bool] = None) -> list:
         """The parts of ``batch`` that the engine runs together, in order (``task_chunk``), when
@@ -437,7 +468,7 @@ class MetaLearner(nn.Module):
 
         Runs without recording any graph and leaves the meta-parameters and buffers untouched.
         """
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.model):
             return self._run_tasks(batch, self._steps(inner_steps, steps), per_step=True, create_graph=False)
 
     def adapt_tasks(self, batch, inner_steps: Optional[int] = None, per_step: bool = False):
@@ -445,7 +476,7 @@ class MetaLearner(nn.Module):
         without a graph and scored on its query set (per step if ``per_step``), and each task's
         final weights (a leading task axis). Touches no meta-parameter or buffer."""
         steps = self.inner_steps if inner_steps is None else inner_steps
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.model):
             return self._run_tasks(batch, steps, per_step=per_step, create_graph=False, keep_weights=True)
 
     def _is_task_batched(self, support_x, support_y) -> bool:

@@ -11,6 +11,9 @@ an algorithm) makes the model follow it for a block:
   ``"running"``: it normalises with
   the module's ``running_mean``/``running_var`` as ``functional_call`` substitutes them (MAML++'s
   per-step statistics), so one image is classified the same alone or in a batch.
+- ``update_running``: batch statistics, and the module's running statistics updated from them
+  as torch's BatchNorm does in training mode (ordinary classification training, whose network
+  is then tested with ``"running"``).
 - ``exact``: the normalisation is computed from mean and variance directly. Needed where the pass
   is differentiated twice under vmap (a second-order inner loop's support pass): ``F.batch_norm``'s
   second-order gradients under ``vmap`` are silently wrong (functorch issue 534; 0.14 absolute
@@ -45,6 +48,7 @@ class ForwardPolicy:
     record: Optional[list] = None
     matmul_convolutions: bool = True
     reference_rows: Optional[int] = None
+    update_running: bool = False
 
     def __post_init__(self):
         if self.statistics not in ("batch", "running"):
@@ -102,6 +106,10 @@ def _batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         policy.record.append((mean, var))
     running = policy.statistics == "running"
     reference = None if running else policy.reference_rows
+    if policy.update_running and not running and module.running_mean is not None:
+        momentum = 0.1 if module.momentum is None else module.momentum
+        return F.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, True, momentum,
+                            module.eps)
     if not (policy.exact or running or reference):
         return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
     shape = [1, -1] + [1] * (x.dim() - 2)

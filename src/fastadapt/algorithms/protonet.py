@@ -37,6 +37,10 @@ class ProtoNet(MetaLearner):
             raise ValueError(f"ProtoNet: the model has no submodule {embedding!r} (pass embedding=None)")
         self.n_way, self.embedding = int(n_way), embedding
 
+    @property
+    def takes_steps(self) -> bool:
+        return False
+
     def create_graph(self) -> bool:
         """No inner gradient steps, so nothing is second order; the meta-gradient reaches the
         embedding through the prototypes as through any forward pass."""

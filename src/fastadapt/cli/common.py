@@ -47,6 +47,14 @@ def task_chunk(text: str):
         raise argparse.ArgumentTypeError(f"expected auto, all or a number, got {text!r}") from None
 
 
+def widths(text: str):
+    """``64,160,320,640`` -> a list of ints (``ModelConfig.check`` refuses the wrong count)."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,160,320,640, got {text!r}")
+
+
 def _add_options(group, options, seen: set) -> None:
     """Flags of declared ``Option``s (an option several declare is added once)."""
     for option in options:
@@ -111,10 +119,17 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     for cls in known.values():
         _add_options(g, cls.options, seen)
     g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=["conv4", "resnet12"], help="the network: conv4 (the MAML paper's) or "
+                                                                      "ResNet-12 (MetaOptNet's)")
     g.add_argument("--hidden", type=int, help="conv4 filters")
+    g.add_argument("--widths", type=widths, help="ResNet-12's four block widths, e.g. 64,160,320,640 (the default)")
+    g.add_argument("--drop-block", type=float, help="ResNet-12: DropBlock probability in its last two blocks")
     g.add_argument("--network", help="a JSON file with a MAML-Pytorch config list ([[\"conv2d\", [64, 1, 3, 3, 2, 0]], "
                                      "...]) to train instead of conv4, initialised as that code does")
     g.add_argument("--dtype", choices=["float32", "float64"])
+    g.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
+                   help="start the network's backbone (and its head, where the shapes agree) from a run folder, a "
+                        "checkpoint or a state-dict file: meta-training from a pretrained start")
     g = p.add_argument_group("training")
     g.add_argument("--meta-lr", dest="meta_lr", type=float)
     g.add_argument("--steps", "--epoch", dest="meta_steps", type=int,

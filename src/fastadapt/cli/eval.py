@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--episodes", dest="test_episodes", type=int, help="test tasks (default: the run's: 600, or 40 "
                                                                         "for a meta-RL run)")
     p.add_argument("--inner-steps-test", type=int)
+    p.add_argument("--head", choices=["centroid", "logistic", "cosine", "finetune"],
+                   help="a pretrain run: score it with this head instead of the one it was trained with")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(data.sources()))
     g.add_argument("--root")
@@ -33,7 +35,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.test_alphabets,
-                   test_episodes=args.test_episodes, test_tasks=args.test_episodes, threads=args.threads)
+                   test_episodes=args.test_episodes, test_tasks=args.test_episodes, threads=args.threads,
+                   head=args.head)
     if args.threads:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise

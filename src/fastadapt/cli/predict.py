@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--query", required=True, help="an image, or a folder of images to classify")
     p.add_argument("--inner-steps-test", "--steps", dest="inner_steps_test", type=int,
                    help="adaptation steps (default: the run's test steps)")
+    p.add_argument("--head", choices=["centroid", "logistic", "cosine", "finetune"],
+                   help="a pretrain run: score it with this head instead of the one it was trained with")
     p.add_argument("--format", choices=["csv", "json"], default="csv", help="output format (csv has a header)")
     p.add_argument("--top-k", type=int, help="also list the K most probable classes with probabilities")
     p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
@@ -44,7 +46,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be a non-negative integer, got {args.inner_steps_test}")
     predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
                                bn_statistics=args.bn_statistics, invert=args.invert,
-                               query_statistics=args.query_statistics)
+                               query_statistics=args.query_statistics, head=args.head)
     query = Path(args.query)
     if not query.exists():
         raise FileNotFoundError(f"--query {query} does not exist")

@@ -116,7 +116,11 @@ def _train(args, config, out: Path, ctx) -> int:
     from ..train import Stopped, Trainer, TrainingDiverged, stop_on_signals
 
     torch.manual_seed(config.training.seed)
-    learner, sources = common.build_learner(config), common.build_tasks(config)
+    sources = common.build_tasks(config)  # first: it may size the network's head (the training classes)
+    learner = common.build_learner(config)
+    if config.model.init is not None and not args.resume:
+        say_main = print if ctx.is_main else (lambda *a, **k: None)
+        say_main(experiment.load_init(learner, config.model.init))
     writer = None
     if args.tensorboard and ctx.is_main:
         try:

@@ -8,13 +8,13 @@ import importlib
 import pkgutil
 
 from .augment import RandomAffine
-from .episodes import TaskBatch
+from .episodes import ClassBatch, TaskBatch
 from .folder import ImageFolder
 from .glyphs import Glyphs
 from .imageset import ImageSet
 from .miniimagenet import MiniImageNet
 from .omniglot import Omniglot, alphabets_of, maml_protocol
-from .sampler import EpisodeSampler
+from .sampler import ClassBatchSampler, EpisodeSampler
 from .sinusoid import Sinusoid
 from .source import DataSource, source, sources
 from .transform import ImageTransform
@@ -22,6 +22,6 @@ from .transform import ImageTransform
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TaskBatch", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "alphabets_of", "maml_protocol",
+__all__ = ["TaskBatch", "ClassBatch", "ClassBatchSampler", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "alphabets_of", "maml_protocol",
            "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform", "RandomAffine", "DataSource", "source",
            "sources"]

@@ -59,3 +59,31 @@ class TaskBatch:
         batches = list(batches)
         return TaskBatch(*(torch.cat([getattr(b, f) for b in batches])
                            for f in ("support_x", "support_y", "query_x", "query_y")))
+
+
+@dataclass
+class ClassBatch:
+    """A mini-batch for ordinary classification over all training classes (the pretrained
+    baselines): ``images`` ``[N, ...]`` and ``labels`` ``[N]``, indices into the training set's
+    classes. ``num_tasks`` is N, so the Trainer shares a batch among processes image by image as
+    it shares a meta-batch task by task."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.images.dim() < 2 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f"ClassBatch: images {tuple(self.images.shape)} and labels {tuple(self.labels.shape)} "
+                             "must be [N, ...] and [N]")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device=None, dtype=None) -> "ClassBatch":
+        return ClassBatch(self.images.to(device=device, dtype=dtype), self.labels.to(device=device))
+
+    def __getitem__(self, index) -> "ClassBatch":
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return ClassBatch(self.images[index], self.labels[index])

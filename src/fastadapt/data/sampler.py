@@ -1,4 +1,5 @@
-"""N-way K-shot episodes drawn from a class-indexed image set."""
+"""N-way K-shot episodes drawn from a class-indexed image set, and plain labelled mini-batches
+of it (for the pretrained baselines)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Callable, List, Optional
 import numpy as np
 import torch
 
-from .episodes import TaskBatch
+from .episodes import ClassBatch, TaskBatch
 
-_TRAIN_STREAM, _FIXED_STREAM = 0, 1
+_TRAIN_STREAM, _FIXED_STREAM, _EPOCH_STREAM = 0, 1, 2
 
 
 class EpisodeSampler(torch.utils.data.IterableDataset):
@@ -182,6 +183,69 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         which images (``dataset.sources`` names their files) and labels evaluation uses."""
         picks, labels, _ = self.episode_indices(episode, _FIXED_STREAM)
         return picks, labels
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.start = int(state["seed"]), int(state["start"])
+
+
+class ClassBatchSampler(torch.utils.data.IterableDataset):
+    """Mini-batches of ``batch_size`` labelled images of ``dataset`` for ordinary classification
+    over all its classes (``ClassBatch``: labels are the set's class indices).
+
+    Epoch ``e`` visits every image once in an order drawn from ``(seed, e)``, and batch ``i``
+    holds images ``i * batch_size ...`` of that sequence of epochs (a batch may span two), so
+    batch ``i`` is a pure function of ``(seed, i)``: iteration resumes from ``state_dict`` exactly,
+    and in a ``DataLoader`` worker ``w`` of ``W`` yields batches ``start + w``, ``start + w + W``, ...
+    Images become network input through the set's ``to_tensor``; ``augment(images, generator)``
+    as in ``EpisodeSampler``."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, augment: Optional[Callable] = None):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"ClassBatchSampler: batch_size must be a positive integer, got {batch_size!r}")
+        if len(dataset.images) == 0:
+            raise ValueError(f"ClassBatchSampler: {dataset!r} has no images")
+        self.dataset, self.batch_size, self.seed, self.augment = dataset, batch_size, seed, augment
+        self.start = 0
+        self._orders: dict = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, _EPOCH_STREAM, epoch]).permutation(len(self.dataset.images))
+            self._orders = {epoch: order, **{e: o for e, o in self._orders.items() if e == epoch - 1}}
+        return order
+
+    def batch_indices(self, index: int) -> np.ndarray:
+        """The images (indices into the set) of batch ``index``."""
+        size = len(self.dataset.images)
+        first = index * self.batch_size
+        positions = np.arange(first, first + self.batch_size)
+        epochs = positions // size
+        return np.concatenate([self._order(int(e))[positions[epochs == e] % size] for e in np.unique(epochs)])
+
+    def batch(self, index: int) -> ClassBatch:
+        picks = torch.from_numpy(self.batch_indices(index))
+        images = self.dataset.images[picks]
+        images = self.dataset.to_tensor(images) if hasattr(self.dataset, "to_tensor") else images.float().div_(255)
+        if self.augment is not None:
+            images = self.augment(images, np.random.default_rng([self.seed, _TRAIN_STREAM, index]))
+        return ClassBatch(images, self.dataset.targets[picks])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            while True:
+                batch = self.batch(self.start)
+                self.start += 1
+                yield batch
+        index = self.start + info.id
+        while True:
+            yield self.batch(index)
+            index += info.num_workers
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "start": self.start}

@@ -20,7 +20,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 from .. import config as config_module
 from ..config import Option
 from .augment import RandomAffine
-from .sampler import EpisodeSampler
+from .sampler import ClassBatchSampler, EpisodeSampler
 from .transform import ImageTransform
 
 _SOURCES: Dict[str, type] = {}
@@ -109,6 +109,13 @@ class DataSource:
                               augment=RandomAffine() if d.augment else None, group_by=d.group_by)
 
     @classmethod
+    def training_batches(cls, config, train_set, batch_size: int):
+        """Labelled mini-batches of every training class (``ClassBatchSampler``), for learners
+        trained by ordinary classification; augmented as the episodes would be."""
+        return ClassBatchSampler(train_set, batch_size, seed=config.training.seed,
+                                 augment=RandomAffine() if config.data.augment else None)
+
+    @classmethod
     def fixed_tasks(cls, config, dataset, count: int, seed_offset: int):
         """``count`` fixed tasks of ``dataset`` in batches of ``eval_batch`` (the same on every call)."""
         d = config.data
@@ -116,11 +123,13 @@ class DataSource:
                                           seed=config.training.seed + seed_offset), count)
 
     @classmethod
-    def build(cls, config, splits=("train", "val", "test")) -> dict:
-        """The training task stream and the fixed validation and test tasks named in ``splits``."""
+    def build(cls, config, splits=("train", "val", "test"), class_batches: Optional[int] = None) -> dict:
+        """The training task stream and the fixed validation and test tasks named in ``splits``;
+        with ``class_batches``, training is labelled mini-batches of that size instead of episodes."""
         sets, out = cls.build_sets(config), {}
         if "train" in splits:
-            out["train"] = cls.training_tasks(config, sets[0])
+            out["train"] = (cls.training_tasks(config, sets[0]) if class_batches is None
+                            else cls.training_batches(config, sets[0], class_batches))
         if "val" in splits:
             out["val"] = cls.fixed_tasks(config, sets[1], config.data.val_episodes, 1)
         if "test" in splits:

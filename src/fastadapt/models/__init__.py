@@ -7,6 +7,8 @@ Nothing here knows about meta-learning: every algorithm runs these modules funct
 from .conv import conv4
 from .learner import Learner, load_network_config, miniimagenet_config, omniglot_config, reference_init_
 from .mlp import mlp
+from .resnet import RESNET12_WIDTHS, ResNet12, resnet12
 
 __all__ = ["conv4", "mlp", "Learner", "omniglot_config", "miniimagenet_config", "reference_init_",
-           "load_network_config"]
+           "load_network_config",
+           "resnet12", "ResNet12", "RESNET12_WIDTHS"]

@@ -1,0 +1,287 @@
+"""The pretrained-embedding baselines (their heads against closed forms and an independent
+optimiser), ResNet-12 (shapes, DropBlock, second-order MAML against the loop reference), starting
+a learner from another run (--init), and one-row evaluation of learners without inner steps."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastadapt import MAML, TaskBatch, evaluate
+from fastadapt.algorithms.pretrain import Pretrain
+from fastadapt.algorithms.protonet import ProtoNet
+from fastadapt.cli import main
+from fastadapt.data import ClassBatch, ClassBatchSampler, ImageSet
+from fastadapt.experiment import load_init
+from fastadapt.models import conv4, resnet12
+from fastadapt.models.resnet import DropBlock
+
+from helpers import TINY_ARGS, grads_of, image_batch, loop_meta_loss
+
+
+class Embedding(torch.nn.Module):
+    """A fixed linear embedding, so a head's output can be computed by hand from made-up features."""
+
+    def __init__(self, inputs=6, features=4, classes=7):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(inputs, features, bias=False))
+        self.features[1].weight.data = torch.randn(features, inputs, generator=g, dtype=torch.float64)
+        self.head = torch.nn.Linear(features, classes).double()
+
+
+def vector_tasks(tasks=3, n_way=4, shots=2, queries=3, inputs=6):
+    g = torch.Generator().manual_seed(5)
+    return TaskBatch(torch.randn(tasks, n_way * shots, inputs, generator=g, dtype=torch.float64),
+                     torch.arange(n_way).repeat_interleave(shots).repeat(tasks, 1),
+                     torch.randn(tasks, n_way * queries, inputs, generator=g, dtype=torch.float64),
+                     torch.arange(n_way).repeat_interleave(queries).repeat(tasks, 1))
+
+
+def cl2n(learner, x):
+    with torch.no_grad():
+        z = learner.model.features(x)
+    return F.normalize(z - learner.feature_mean, dim=-1)
+
+
+def learner_with_centre(head, **kwargs):
+    learner = Pretrain(Embedding(), head=head, **kwargs).double()
+    learner.feature_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64))
+    return learner
+
+
+def scores(learner, batch, steps=0):
+    fast = learner.adapt(batch.support_x, batch.support_y, steps)
+    with torch.no_grad():
+        return learner.predict(fast, batch.query_x)
+
+
+def test_centroid_head_is_nearest_mean_of_centred_normalised_features():
+    learner, batch = learner_with_centre("centroid"), vector_tasks()
+    out = scores(learner, batch)
+    for t in range(batch.num_tasks):
+        zs, zq = cl2n(learner, batch.support_x[t]), cl2n(learner, batch.query_x[t])
+        means = torch.stack([zs[batch.support_y[t] == c].mean(0) for c in range(4)])
+        distances = torch.cdist(zq, means) ** 2
+        # logits are -scale * squared distance, up to a constant per query (|zq| = 1)
+        expected = -learner.SCALE * distances
+        torch.testing.assert_close(out[t] - out[t].mean(1, keepdim=True), expected - expected.mean(1, keepdim=True))
+
+
+def test_cosine_head_is_scaled_cosine_similarity_to_the_class_means():
+    learner, batch = learner_with_centre("cosine"), vector_tasks()
+    out = scores(learner, batch)
+    for t in range(batch.num_tasks):
+        zs, zq = cl2n(learner, batch.support_x[t]), cl2n(learner, batch.query_x[t])
+        means = torch.stack([zs[batch.support_y[t] == c].mean(0) for c in range(4)])
+        expected = learner.SCALE * F.cosine_similarity(zq[:, None], means[None], dim=-1)
+        torch.testing.assert_close(out[t], expected)
+
+
+def test_logistic_head_reaches_the_optimum_that_lbfgs_finds():
+    learner, batch = learner_with_centre("logistic", logistic_c=2.0), vector_tasks()
+    out = scores(learner, batch)
+    for t in range(batch.num_tasks):
+        zs, ys, zq = cl2n(learner, batch.support_x[t]), batch.support_y[t], cl2n(learner, batch.query_x[t])
+        weight = torch.zeros(4, 4, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+        optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=500, tolerance_grad=1e-12,
+                                      tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def objective():  # scikit-learn's: |W|^2 / 2 + C * sum of cross-entropies, intercept free
+            optimiser.zero_grad()
+            loss = 0.5 * (weight ** 2).sum() + 2.0 * F.cross_entropy(zs @ weight.T + bias, ys, reduction="sum")
+            loss.backward()
+            return loss
+
+        optimiser.step(objective)
+        expected = zq @ weight.detach().T + bias.detach()
+        # the intercept is defined up to a shared constant
+        torch.testing.assert_close(out[t] - out[t].mean(1, keepdim=True), expected - expected.mean(1, keepdim=True),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_logistic_head_is_vectorised_over_tasks():
+    learner, batch = learner_with_centre("logistic"), vector_tasks(tasks=4)
+    together = scores(learner, batch)
+    alone = torch.cat([scores(learner, batch[t]) for t in range(4)])
+    torch.testing.assert_close(together, alone)
+
+
+def test_finetune_head_starts_at_the_cosine_head_and_lowers_the_support_loss():
+    batch = vector_tasks()
+    cosine, tuned = learner_with_centre("cosine"), learner_with_centre("finetune", inner_lr=0.5)
+    torch.testing.assert_close(scores(tuned, batch, 0), scores(cosine, batch))
+    out = tuned.fine_tune(TaskBatch(batch.support_x, batch.support_y, batch.support_x, batch.support_y), 5)
+    assert out.query_loss.shape == (6,)
+    assert (out.query_loss[1:] < out.query_loss[:-1]).all()
+    before = {n: p.clone() for n, p in tuned.model.named_parameters()}
+    body = tuned.adapt(batch.support_x[0], batch.support_y[0], 3)
+    torch.testing.assert_close(body["features.1.weight"], before["features.1.weight"])  # head only by default
+    everything = learner_with_centre("finetune", inner_lr=0.5, finetune_body=True)
+    moved = everything.adapt(batch.support_x[0], batch.support_y[0], 3)
+    assert not torch.allclose(moved["features.1.weight"], before["features.1.weight"])
+    for n, p in tuned.model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_only_the_finetune_head_reports_steps():
+    batch = vector_tasks()
+    for head, rows in (("centroid", 1), ("logistic", 1), ("cosine", 1), ("finetune", 4)):
+        result = evaluate(learner_with_centre(head), [batch], 3)
+        assert len(result.accuracy) == rows
+        assert ("step" in result.table().splitlines()[1]) == (rows > 1)
+
+
+def test_protonet_evaluation_prints_one_row():
+    model = conv4(1, 3, hidden=4, image_size=8).double()
+    result = evaluate(ProtoNet(model, n_way=3), [image_batch()], 5)
+    lines = result.table().splitlines()
+    assert len(result.accuracy) == 1 and len(lines) == 2 and lines[1].startswith("accuracy ")
+
+
+def test_pretraining_step_is_classification_and_tracks_running_statistics():
+    torch.manual_seed(0)
+    model = conv4(1, 6, hidden=4, image_size=8)
+    learner = Pretrain(model)
+    optimiser = learner.make_optimizer(1e-2)
+    g = torch.Generator().manual_seed(2)
+    batch = ClassBatch(torch.rand(12, 1, 8, 8, generator=g), torch.randint(0, 6, (12,), generator=g))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    expected = F.cross_entropy(model(batch.images), batch.labels)  # plain module: training-mode BatchNorm
+    running = model.features[1].running_mean.clone()
+    out = learner.train_step(batch, optimiser)
+    torch.testing.assert_close(out.loss, expected.detach())
+    assert not torch.equal(model.features[1].running_mean, running)
+    assert learner.feature_mean.abs().sum() > 0
+    assert any(not torch.equal(weights[n], p) for n, p in model.named_parameters())
+    with pytest.raises(TypeError, match="ClassBatch"):
+        learner.train_step(image_batch(dtype=torch.float32), optimiser)
+
+
+def test_pretrained_prediction_of_one_image_equals_prediction_in_a_batch():
+    model = conv4(1, 6, hidden=4, image_size=8).double()
+    learner = Pretrain(model, head="logistic").double()
+    batch = image_batch()
+    fast = learner.adapt(batch.support_x[0], batch.support_y[0])
+    with torch.no_grad():
+        together = learner.predict(fast, batch.query_x[0])
+        alone = torch.cat([learner.predict(fast, batch.query_x[0][i:i + 1]) for i in range(len(batch.query_x[0]))])
+    torch.testing.assert_close(together, alone)
+
+
+def test_class_batches_cover_each_epoch_once_and_are_a_function_of_the_index():
+    images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    dataset = ImageSet(images, torch.arange(10) % 3, ["a", "b", "c"])
+    sampler = ClassBatchSampler(dataset, batch_size=4, seed=1)
+    seen = torch.cat([sampler.batch(i).images[:, 0, 0, 0] for i in range(5)])  # 20 images: two epochs
+    assert sorted((seen[:10] * 255).round().long().tolist()) == list(range(10))
+    assert sorted((seen[10:] * 255).round().long().tolist()) == list(range(10))
+    stream = iter(sampler)
+    first = [next(stream) for _ in range(3)]
+    resumed = ClassBatchSampler(dataset, batch_size=4, seed=1)
+    resumed.load_state_dict(sampler.state_dict())
+    assert torch.equal(next(iter(resumed)).images, sampler.batch(3).images)
+    assert torch.equal(first[1].labels, (first[1].images[:, 0, 0, 0] * 255).round().long() % 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        ClassBatchSampler(dataset, batch_size=0)
+
+
+# ---------------------------------------------------------------------- ResNet-12
+def test_resnet12_shapes_and_parts():
+    for size, channels in ((28, 1), (84, 3)):
+        net = resnet12(channels, n_way=5, widths=(4, 6, 8, 10), image_size=size)
+        x = torch.rand(2, channels, size, size)
+        assert net.features(x).shape == (2, 10) and net(x).shape == (2, 5)
+    default = resnet12()
+    assert [block.conv1.out_channels for block in default.features[:4]] == [64, 160, 320, 640]
+    with pytest.raises(ValueError, match="at least 16"):
+        resnet12(image_size=8)
+    with pytest.raises(ValueError, match="four positive integers"):
+        resnet12(widths=(4, 4))
+
+
+def test_dropblock_drops_about_its_rate_in_training_only():
+    torch.manual_seed(0)
+    drop = DropBlock(0.2, block_size=3)
+    x = torch.ones(64, 8, 10, 10)
+    out = drop(x)
+    dropped = (out == 0).float().mean().item()
+    assert 0.12 < dropped < 0.28
+    assert abs(out.mean().item() - 1.0) < 1e-5  # the kept units are rescaled
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_resnet12_second_order_maml_matches_the_float64_loop_reference():
+    torch.manual_seed(0)
+    model = resnet12(1, n_way=3, widths=(2, 3, 3, 4), image_size=16).double()
+    batch = image_batch(tasks=2, size=16)
+    maml = MAML(model, inner_lr=0.3, inner_steps=2)
+    out = maml.meta_loss(batch)
+    reference, _ = loop_meta_loss(model, batch, 0.3, 2, create_graph=True, per_step=False)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_of(out.loss, model), grads_of(reference, model)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+
+
+# ---------------------------------------------------------------------- --init
+def test_init_loads_the_backbone_and_refuses_other_shapes(tmp_path):
+    source = conv4(1, 40, hidden=8, image_size=28)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    target = MAML(conv4(1, 5, hidden=8, image_size=28))
+    line = load_init(target, tmp_path / "weights.pt")
+    assert "the head is new" in line and "[40, 8]" in line
+    for name, value in source.state_dict().items():
+        if name.startswith("features."):
+            assert torch.equal(target.model.state_dict()[name], value), name
+    assert not torch.equal(target.model.head.bias, source.head.bias[:5])
+    same = ProtoNet(conv4(1, 40, hidden=8, image_size=28), n_way=5)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
+    assert "backbone and head" in load_init(same, tmp_path / "ddp.pt")
+    assert torch.equal(same.model.head.weight, source.head.weight)
+    with pytest.raises(ValueError, match=r"features.0.weight is \[8, 1, 3, 3\] there but \[16, 1, 3, 3\]"):
+        load_init(MAML(conv4(1, 5, hidden=16, image_size=28)), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="none of this network's backbone"):
+        load_init(MAML(resnet12(1, 5, widths=(2, 2, 2, 2))), tmp_path / "weights.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_init(target, tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="no such run folder or file"):
+        load_init(target, tmp_path / "missing")
+
+
+def test_cli_pretrain_then_protonet_from_it_then_eval_with_each_head(tmp_path, capsys):
+    pre, proto = tmp_path / "pre", tmp_path / "proto"
+    assert main(["train", *TINY_ARGS, "--algo", "pretrain", "--batch-size", "16", "--steps", "3",
+                 "--out", str(pre), "--quiet"]) == 0
+    config = json.loads((pre / "config.json").read_text())
+    assert config["model"]["outputs"] == 12 and config["algorithm"]["name"] == "pretrain"
+    assert main(["train", *TINY_ARGS, "--algo", "protonet", "--init", str(pre), "--steps", "1", "--out", str(proto),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"--init: backbone and head" in out or "--init: backbone (" in out
+    state = torch.load(pre / "last.pt", weights_only=True)["model"]
+    assert json.loads((proto / "config.json").read_text())["model"]["init"] == str(pre)
+    for head in ("logistic", "finetune"):
+        assert main(["eval", str(pre), "--head", head, "--episodes", "4", "--quiet"]) == 0
+        table = capsys.readouterr().out
+        assert ("per inner step" in table) == (head == "finetune")
+    assert main(["eval", str(proto), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
+    assert "--head is neither a field" in capsys.readouterr().err
+    assert "model.features.0.weight" in state
+
+
+def test_cli_trains_resnet12_and_refuses_conv4_options_for_it(tmp_path, capsys):
+    args = [a for a in TINY_ARGS]
+    at = args.index("--hidden")
+    del args[at:at + 2]
+    assert main(["train", *args, "--backbone", "resnet12", "--widths", "2,2,3,3", "--drop-block", "0.1",
+                 "--steps", "1", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"]["widths"] == [2, 2, 3, 3]
+    assert main(["eval", str(tmp_path / "r"), "--episodes", "2", "--quiet"]) == 0
+    assert main(["train", *TINY_ARGS, "--backbone", "resnet12", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--hidden is conv4's" in capsys.readouterr().err
+    assert main(["train", *args, "--widths", "2,x", "--out", str(tmp_path / "y")]) == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
