@@ -261,7 +261,7 @@ def test_cli_pretrain_then_protonet_from_it_then_eval_with_each_head(tmp_path, c
     assert main(["train", *TINY_ARGS, "--algo", "protonet", "--init", str(pre), "--steps", "1", "--out", str(proto),
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert f"--init: backbone and head" in out or "--init: backbone (" in out
+    assert "--init: backbone and head" in out or "--init: backbone (" in out
     state = torch.load(pre / "last.pt", weights_only=True)["model"]
     assert json.loads((proto / "config.json").read_text())["model"]["init"] == str(pre)
     for head in ("logistic", "finetune"):
