@@ -14,6 +14,7 @@ from .anil import ANIL
 from .maml import MAML, FirstOrderMAML
 from .mamlpp import MAMLPlusPlus
 from .metasgd import MetaSGD
+from .pretrain import Pretrain
 from .protonet import ProtoNet
 from .reptile import Reptile
 
@@ -28,4 +29,4 @@ def batch_statistics(model):
 
 
 __all__ = ["MetaLearner", "MetaOutput", "MAML", "FirstOrderMAML", "MAMLPlusPlus", "MetaSGD", "ANIL", "Reptile",
-           "ProtoNet", "batch_statistics", "registered", "forward", "functional", "registry"]
+           "ProtoNet", "Pretrain", "batch_statistics", "registered", "forward", "functional", "registry"]
