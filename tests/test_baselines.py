@@ -268,6 +268,8 @@ def test_cli_pretrain_then_protonet_from_it_then_eval_with_each_head(tmp_path, c
         assert main(["eval", str(pre), "--head", head, "--episodes", "4", "--quiet"]) == 0
         table = capsys.readouterr().out
         assert ("per inner step" in table) == (head == "finetune")
+    assert main(["eval", str(pre), "--inner-steps-test", "3", "--episodes", "4", "--quiet"]) == 0
+    assert "--inner-steps-test means nothing for this pretrain run" in capsys.readouterr().err
     assert main(["eval", str(proto), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
     assert "--head is neither a field" in capsys.readouterr().err
     assert "model.features.0.weight" in state

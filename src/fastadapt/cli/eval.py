@@ -46,6 +46,10 @@ def run(args) -> int:
     steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
     if steps < 0:
         raise ValueError(f"--inner-steps-test must be a non-negative integer, got {steps}")
+    if args.inner_steps_test is not None and not getattr(learner, "takes_steps", True):
+        import warnings
+        warnings.warn(f"--inner-steps-test means nothing for this {config.algorithm.name} run (its adaptation has no "
+                      "steps); it is ignored", stacklevel=2)
     if args.protocol:
         tasks, lines = experiment.protocol_tasks(config, args.protocol, args.split, args.test_alphabets,
                                                  config.data.test_episodes)
