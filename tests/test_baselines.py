@@ -45,6 +45,12 @@ def cl2n(learner, x):
     return F.normalize(z - learner.feature_mean, dim=-1)
 
 
+def query_features_and_class_means(learner, batch, task, n_way=4):
+    """Task ``task``'s CL2N query features and its support classes' mean CL2N features, by hand."""
+    zs, zq = cl2n(learner, batch.support_x[task]), cl2n(learner, batch.query_x[task])
+    return zq, torch.stack([zs[batch.support_y[task] == c].mean(0) for c in range(n_way)])
+
+
 def learner_with_centre(head, **kwargs):
     learner = Pretrain(Embedding(), head=head, **kwargs).double()
     learner.feature_mean.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5], dtype=torch.float64))
@@ -61,8 +67,7 @@ def test_centroid_head_is_nearest_mean_of_centred_normalised_features():
     learner, batch = learner_with_centre("centroid"), vector_tasks()
     out = scores(learner, batch)
     for t in range(batch.num_tasks):
-        zs, zq = cl2n(learner, batch.support_x[t]), cl2n(learner, batch.query_x[t])
-        means = torch.stack([zs[batch.support_y[t] == c].mean(0) for c in range(4)])
+        zq, means = query_features_and_class_means(learner, batch, t)
         distances = torch.cdist(zq, means) ** 2
         # logits are -scale * squared distance, up to a constant per query (|zq| = 1)
         expected = -learner.SCALE * distances
@@ -73,8 +78,7 @@ def test_cosine_head_is_scaled_cosine_similarity_to_the_class_means():
     learner, batch = learner_with_centre("cosine"), vector_tasks()
     out = scores(learner, batch)
     for t in range(batch.num_tasks):
-        zs, zq = cl2n(learner, batch.support_x[t]), cl2n(learner, batch.query_x[t])
-        means = torch.stack([zs[batch.support_y[t] == c].mean(0) for c in range(4)])
+        zq, means = query_features_and_class_means(learner, batch, t)
         expected = learner.SCALE * F.cosine_similarity(zq[:, None], means[None], dim=-1)
         torch.testing.assert_close(out[t], expected)
 

@@ -13,7 +13,39 @@ from .episodes import ClassBatch, TaskBatch
 _TRAIN_STREAM, _FIXED_STREAM, _EPOCH_STREAM = 0, 1, 2
 
 
-class EpisodeSampler(torch.utils.data.IterableDataset):
+class IndexedStream(torch.utils.data.IterableDataset):
+    """An endless stream whose item ``i`` is a pure function of ``(seed, i)`` (``item``).
+
+    Iterating yields items ``start``, ``start + 1``, ... and advances ``start`` (``state_dict``
+    resumes it exactly); in a ``DataLoader`` (``batch_size=None``) worker ``w`` of ``W`` yields
+    ``start + w``, ``start + w + W``, ..., which the loader interleaves back into the same order."""
+
+    seed: int
+    start: int
+
+    def item(self, index: int):
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            while True:  # in-process: ``start`` tracks consumption, so state_dict() can resume
+                item = self.item(self.start)
+                self.start += 1
+                yield item
+        index = self.start + info.id
+        while True:
+            yield self.item(index)
+            index += info.num_workers
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.start = int(state["seed"]), int(state["start"])
+
+
+class EpisodeSampler(IndexedStream):
     """Meta-batches of few-shot classification tasks.
 
     Each task has ``n_way`` distinct classes and ``k_shot + k_query`` distinct images per class,
@@ -160,17 +192,8 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
             query_y=labels.expand(-1, -1, self.k_query).reshape(self.batch_size, -1),
         )
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            while True:  # in-process: ``start`` tracks consumption, so state_dict() can resume
-                batch = self.episode(self.start)
-                self.start += 1
-                yield batch
-        index = self.start + info.id
-        while True:
-            yield self.episode(index)
-            index += info.num_workers
+    def item(self, index: int) -> TaskBatch:
+        return self.episode(index)
 
     def fixed(self, episodes: int) -> List[TaskBatch]:
         """``episodes`` meta-batches from a stream separate from training, the same every call."""
@@ -184,14 +207,8 @@ class EpisodeSampler(torch.utils.data.IterableDataset):
         picks, labels, _ = self.episode_indices(episode, _FIXED_STREAM)
         return picks, labels
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "start": self.start}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.start = int(state["seed"]), int(state["start"])
-
-
-class ClassBatchSampler(torch.utils.data.IterableDataset):
+class ClassBatchSampler(IndexedStream):
     """Mini-batches of ``batch_size`` labelled images of ``dataset`` for ordinary classification
     over all its classes (``ClassBatch``: labels are the set's class indices).
 
@@ -235,20 +252,5 @@ class ClassBatchSampler(torch.utils.data.IterableDataset):
             images = self.augment(images, np.random.default_rng([self.seed, _TRAIN_STREAM, index]))
         return ClassBatch(images, self.dataset.targets[picks])
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            while True:
-                batch = self.batch(self.start)
-                self.start += 1
-                yield batch
-        index = self.start + info.id
-        while True:
-            yield self.batch(index)
-            index += info.num_workers
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "start": self.start}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.start = int(state["seed"]), int(state["start"])
+    def item(self, index: int) -> ClassBatch:
+        return self.batch(index)
