@@ -10,7 +10,8 @@ import torch
 from helpers import shared_data
 from fastadapt import experiment
 from fastadapt.cli import main
-from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine, alphabets_of
+from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine, StrokeStyle, alphabets_of
+from fastadapt.data.augment import Compose, training_augmentation
 from fastadapt.data.omniglot import OmniglotSource
 
 
@@ -107,6 +108,41 @@ def test_random_affine_is_small_seeded_and_leaves_evaluation_alone():
     first = next(iter(augmented)).support_x
     second = next(iter(EpisodeSampler(glyphs, 3, 1, 2, 2, augment=affine))).support_x
     assert torch.equal(first, second) and not torch.equal(first, next(iter(plain)).support_x)
+
+
+def test_stroke_style_thickens_or_thins_strokes_warps_smoothly_and_is_seeded(small2):
+    x = small2.to_tensor(small2.images[0:200:10])
+    assert x.shape[1:] == (1, 28, 28)
+    identity = StrokeStyle(warp=0, width=0)(x, np.random.default_rng(0))
+    torch.testing.assert_close(identity, x, rtol=0, atol=1e-5)
+    style = StrokeStyle()
+    a, b = style(x, np.random.default_rng(4)), style(x, np.random.default_rng(4))
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype
+    assert not torch.allclose(a, x) and a.min() >= 0 and a.max() <= x.max() + 1e-5
+    # the width blend alone: a positive draw never darkens a pixel, a negative one never brightens
+    drawn = np.random.default_rng(7)
+    drawn.normal(0.0, 0.0, (len(x), 2, 4, 4))  # the warp's draws come first
+    blends = drawn.uniform(-0.6, 0.6, len(x))
+    width_only = StrokeStyle(warp=0)(x, np.random.default_rng(7))
+    change = (width_only - x).flatten(1)
+    assert (change[torch.as_tensor(blends > 0)] >= -1e-5).all()
+    assert (change[torch.as_tensor(blends < 0)] <= 1e-5).all()
+    assert (change.abs().sum(1) > 0).all()
+    # the warp alone moves ink without creating much of it, and moves it by about a pixel
+    warped = StrokeStyle(width=0)(x, np.random.default_rng(8))
+    ratio = warped.sum((1, 2, 3)) / x.sum((1, 2, 3))
+    assert ((ratio > 0.8) & (ratio < 1.2)).all()
+    for bad in (dict(warp=0.6), dict(grid=1), dict(width=2.0)):
+        with pytest.raises(ValueError, match="StrokeStyle"):
+            StrokeStyle(**bad)
+    assert training_augmentation(False, False) is None
+    assert isinstance(training_augmentation(True, False), RandomAffine)
+    assert isinstance(training_augmentation(False, True), StrokeStyle)
+    both = training_augmentation(True, True)
+    assert isinstance(both, Compose)
+    rng = np.random.default_rng(9)
+    expected = StrokeStyle()(RandomAffine()(x, rng), rng)
+    torch.testing.assert_close(both(x, np.random.default_rng(9)), expected, rtol=0, atol=0)
 
 
 def test_eval_protocol_lake_and_training_options_on_the_minimal_sets(tmp_path, capsys):

@@ -118,6 +118,7 @@ class DataConfig:
     val_split: Optional[str] = None
     test_split: Optional[str] = None
     augment: bool = False
+    augment_strokes: bool = False  # handwriting: random stroke width and smooth warps
     group_by: Optional[str] = None
     val_episodes: int = 100
     test_episodes: int = 600

@@ -92,6 +92,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-split", help="(default: the validation split, with a warning)")
     g.add_argument("--augment", action="store_true", default=None,
                    help="random shifts (up to 10%%), zoom (0.9-1.1) and rotations (up to 10 degrees) of training images")
+    g.add_argument("--augment-strokes", action="store_true", default=None,
+                   help="handwriting: draw training characters as another hand might (random stroke width, "
+                        "smooth local warps; docs/data.md)")
     g.add_argument("--group-by", choices=["alphabet"], help="training episodes: all classes of a task from one alphabet")
     g.add_argument("--image-size", "--imgsz", dest="image_size", type=int)
     g.add_argument("--channels", "--imgc", dest="channels", type=int)

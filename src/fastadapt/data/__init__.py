@@ -7,7 +7,7 @@ Every module of this package is imported here, so a data set in a new file regis
 import importlib
 import pkgutil
 
-from .augment import RandomAffine
+from .augment import RandomAffine, StrokeStyle
 from .episodes import ClassBatch, TaskBatch
 from .folder import ImageFolder
 from .glyphs import Glyphs
@@ -23,5 +23,5 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["TaskBatch", "ClassBatch", "ClassBatchSampler", "Sinusoid", "ImageSet", "EpisodeSampler", "Omniglot", "alphabets_of", "maml_protocol",
-           "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform", "RandomAffine", "DataSource", "source",
+           "MiniImageNet", "ImageFolder", "Glyphs", "ImageTransform", "RandomAffine", "StrokeStyle", "DataSource", "source",
            "sources"]

@@ -19,7 +19,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 from .. import config as config_module
 from ..config import Option
-from .augment import RandomAffine
+from .augment import training_augmentation
 from .sampler import ClassBatchSampler, EpisodeSampler
 from .transform import ImageTransform
 
@@ -106,14 +106,14 @@ class DataSource:
     def training_tasks(cls, config, train_set):
         d = config.data
         return EpisodeSampler(train_set, d.n_way, d.k_shot, d.k_query, d.task_batch, seed=config.training.seed,
-                              augment=RandomAffine() if d.augment else None, group_by=d.group_by)
+                              augment=training_augmentation(d.augment, d.augment_strokes), group_by=d.group_by)
 
     @classmethod
     def training_batches(cls, config, train_set, batch_size: int):
         """Labelled mini-batches of every training class (``ClassBatchSampler``), for learners
         trained by ordinary classification; augmented as the episodes would be."""
         return ClassBatchSampler(train_set, batch_size, seed=config.training.seed,
-                                 augment=RandomAffine() if config.data.augment else None)
+                                 augment=training_augmentation(config.data.augment, config.data.augment_strokes))
 
     @classmethod
     def fixed_tasks(cls, config, dataset, count: int, seed_offset: int):
