@@ -1,6 +1,7 @@
 """The pretrained-embedding baselines (their heads against closed forms and an independent
 optimiser), ResNet-12 (shapes, DropBlock, second-order MAML against the loop reference), starting
-a learner from another run (--init), and one-row evaluation of learners without inner steps."""
+a learner from another run (--init), one-row evaluation of learners without inner steps, and
+test-time augmentation (evaluate's views)."""
 
 import json
 
@@ -8,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+
 from fastadapt import MAML, TaskBatch, evaluate
 from fastadapt.algorithms.pretrain import Pretrain
 from fastadapt.algorithms.protonet import ProtoNet
 from fastadapt.cli import main
-from fastadapt.data import ClassBatch, ClassBatchSampler, ImageSet
+from fastadapt.data import ClassBatch, ClassBatchSampler, ImageSet, RandomAffine
+from fastadapt.evaluate import _views, score_with_views
 from fastadapt.experiment import load_init
 from fastadapt.models import conv4, resnet12
 from fastadapt.models.resnet import DropBlock
@@ -145,6 +149,37 @@ def test_protonet_evaluation_prints_one_row():
     assert len(result.accuracy) == 1 and len(lines) == 2 and lines[1].startswith("accuracy ")
 
 
+def test_test_time_views_that_copy_the_image_change_nothing_and_augmented_views_are_seeded():
+    """With views that are exact copies, the enlarged support set has the same class means, loss
+    gradient and BatchNorm statistics, and every query the same probabilities: the scores must be
+    those of plain evaluation, for ProtoNet and for MAML after its steps."""
+    torch.manual_seed(0)
+    batch = image_batch(tasks=3, n_way=3, shots=2, queries=3)
+    copies = lambda images, generator: images.clone()  # noqa: E731
+    for learner, steps in ((ProtoNet(conv4(1, 3, hidden=4, image_size=8).double(), n_way=3), 0),
+                           (MAML(conv4(1, 3, hidden=4, image_size=8).double(), inner_lr=0.4, inner_steps=2), 2)):
+        plain = learner.fine_tune(batch, inner_steps=steps)
+        loss, accuracy = score_with_views(learner, batch, steps, views=3, augment=copies)
+        torch.testing.assert_close(loss, plain.task_loss[:, -1])
+        torch.testing.assert_close(accuracy, plain.task_accuracy[:, -1])
+        before = {n: p.clone() for n, p in learner.state_dict().items()}
+        result = evaluate(learner, [batch, batch[0]], steps, views=4, view_augment=RandomAffine(rotation=30))
+        again = evaluate(learner, [batch, batch[0]], steps, views=4, view_augment=RandomAffine(rotation=30))
+        assert result.tasks == 4 and len(result.accuracy) == 1 and not result.per_step
+        assert torch.equal(result.loss, again.loss)
+        assert not torch.allclose(result.loss, evaluate(learner, [batch, batch[0]], steps).loss[-1:])
+        assert all(torch.equal(before[n], t) for n, t in learner.state_dict().items())
+    augment = RandomAffine()
+    drawn = np.random.default_rng([7, 0, 1])
+    view = _views(batch.support_x, 2, augment, (7, 0))
+    torch.testing.assert_close(view[:, :, 0], batch.support_x, rtol=0, atol=0)
+    torch.testing.assert_close(view[:, :, 1], augment(batch.support_x.flatten(0, 1), drawn).view_as(batch.support_x))
+    with pytest.raises(ValueError, match="views must be a positive integer"):
+        evaluate(learner, [batch], 1, views=0)
+    with pytest.raises(ValueError, match="needs view_augment"):
+        evaluate(learner, [batch], 1, views=2)
+
+
 def test_pretraining_step_is_classification_and_tracks_running_statistics():
     torch.manual_seed(0)
     model = conv4(1, 6, hidden=4, image_size=8)
@@ -274,6 +309,13 @@ def test_cli_pretrain_then_protonet_from_it_then_eval_with_each_head(tmp_path, c
         assert ("per inner step" in table) == (head == "finetune")
     assert main(["eval", str(pre), "--inner-steps-test", "3", "--episodes", "4", "--quiet"]) == 0
     assert "--inner-steps-test means nothing for this pretrain run" in capsys.readouterr().err
+    assert main(["eval", str(proto), "--tta", "3", "--episodes", "4", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "test-time augmentation: 3 views of each image (RandomAffine(" in table and "per inner step" not in table
+    for head in ("centroid", "logistic", "finetune"):
+        assert main(["eval", str(pre), "--head", head, "--tta", "2", "--episodes", "4", "--quiet"]) == 0
+    assert main(["eval", str(proto), "--tta", "0", "--episodes", "4", "--quiet"]) == 2
+    assert "--tta must be a positive integer" in capsys.readouterr().err
     assert main(["eval", str(proto), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
     assert "--head is neither a field" in capsys.readouterr().err
     assert "model.features.0.weight" in state

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed
@@ -69,25 +71,68 @@ class EvalResult:
         return out
 
 
+def _views(x: torch.Tensor, views: int, augment: Callable, seed) -> torch.Tensor:
+    """``[T, N, ...]`` images as ``[T, N, views, ...]``: each image, then ``views - 1`` augmented
+    copies drawn from a generator seeded by ``seed`` and the view's number."""
+    flat = x.flatten(0, 1)
+    copies = [x] + [augment(flat, np.random.default_rng([*seed, v])).view_as(x) for v in range(1, views)]
+    return torch.stack(copies, 2)
+
+
+def score_with_views(learner, batch, inner_steps: int, views: int, augment: Callable, seed=(0,)):
+    """``(task_loss, task_accuracy)``, each ``[T]``, with test-time augmentation: every support
+    image and its ``views - 1`` augmented copies are the support set (more shots of each class),
+    and each query is predicted by the mean of the class probabilities of its ``views`` copies.
+    The copies are drawn from ``seed`` (the same on every call). Under batch statistics the views
+    of a task's queries are normalised together, as the queries are without augmentation."""
+    tasks, shots = batch.support_y.shape
+    queries = batch.query_y.shape[1]
+    support = _views(batch.support_x, views, augment, (*seed, 0)).flatten(1, 2)
+    query = _views(batch.query_x, views, augment, (*seed, 1)).flatten(1, 2)
+    enlarged = type(batch)(support, batch.support_y.repeat_interleave(views, 1), batch.query_x, batch.query_y)
+    _, fast = learner.adapt_tasks(enlarged, inner_steps)
+    with torch.no_grad():
+        probabilities = learner.predict(fast, query).softmax(-1)
+    probabilities = probabilities.view(tasks, queries, views, -1).mean(2)
+    loss = F.nll_loss(probabilities.clamp_min(1e-12).log().flatten(0, 1), batch.query_y.flatten(),
+                      reduction="none").view(tasks, queries).mean(1)
+    accuracy = (probabilities.argmax(-1) == batch.query_y).to(loss.dtype).mean(1)
+    return loss, accuracy
+
+
 def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None, progress: bool = False,
-             desc: str = "evaluate", should_stop: Optional[Callable[[], bool]] = None) -> Optional[EvalResult]:
+             desc: str = "evaluate", should_stop: Optional[Callable[[], bool]] = None, views: int = 1,
+             view_augment: Optional[Callable] = None) -> Optional[EvalResult]:
     """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
     ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss
     (and, for a meta-RL learner, whose ``fine_tune`` gives ``task_return``, the returns).
     The meta-parameters and buffers are left untouched. Under torch.distributed the batches are
     split over the ranks and the per-task results gathered, each task counted once.
 
+    ``views`` > 1: test-time augmentation with ``view_augment(images, generator)``
+    (``score_with_views``); classification only, scored after the last step (one row).
     ``progress`` shows a tqdm bar over the batches; ``should_stop``, checked between batches,
     ends the evaluation early, and then None is returned."""
+    if not (isinstance(views, int) and views >= 1):
+        raise ValueError(f"evaluate: views must be a positive integer, got {views!r}")
+    if views > 1 and (view_augment is None or not getattr(learner, "classification", False)):
+        raise ValueError("evaluate: test-time augmentation (views > 1) needs view_augment and a classifier")
     ctx = distributed.current()
-    per_step = getattr(learner, "takes_steps", True)
-    inner_steps = inner_steps if per_step else 0
+    takes_steps = getattr(learner, "takes_steps", True)
+    per_step = takes_steps and views == 1
+    inner_steps = inner_steps if takes_steps else 0
     dtype = next(learner.parameters()).dtype
     local = []
     mine = distributed.shard(list(enumerate(episodes)), ctx)
     for index, batch in tqdm(mine, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if should_stop is not None and should_stop():
             return None
+        if views > 1:
+            steps = learner.inner_steps if inner_steps is None else inner_steps
+            loss, accuracy = score_with_views(learner, batch.to(device, dtype), steps, views, view_augment,
+                                              seed=(index,))
+            local.append((index, loss.double().cpu()[:, None], accuracy.double().cpu()[:, None], None))
+            continue
         out = learner.fine_tune(batch.to(device, dtype), inner_steps=inner_steps)
         accuracy = None if out.task_accuracy is None else out.task_accuracy.double().cpu()
         task_return = getattr(out, "task_return", None)

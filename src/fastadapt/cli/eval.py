@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import data, experiment
+from ..data.augment import RandomAffine, training_augmentation
 from ..evaluate import evaluate
 from . import common
 
@@ -28,6 +29,11 @@ def register(sub) -> None:
     g = p.add_argument_group("devices")
     g.add_argument("--device", help="default: the run's device if this machine has it, else cpu")
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--tta", type=int, default=1, metavar="VIEWS",
+                   help="test-time augmentation: each support image and VIEWS-1 augmented copies of it are the "
+                        "support set, and each query is predicted by the mean probabilities of its VIEWS copies "
+                        "(copies drawn as the run's training augmentation, or --augment's if it had none; "
+                        "scored after the last step; default 1: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--bn-statistics", choices=["batch", "running"], help=common.BN_STATISTICS_HELP)
     p.set_defaults(run=run)
@@ -37,6 +43,8 @@ def run(args) -> int:
     changes = dict(dataset=args.dataset, root=args.root, test_split=args.split, test_alphabets=args.test_alphabets,
                    test_episodes=args.test_episodes, test_tasks=args.test_episodes, threads=args.threads,
                    head=args.head)
+    if args.tta < 1:
+        raise ValueError(f"--tta must be a positive integer (views of each image; 1: none), got {args.tta}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
@@ -60,7 +68,15 @@ def run(args) -> int:
         print("\n".join(lines))
     else:
         tasks = common.build_tasks(config, splits=("test",))["test"]
+    view_augment = None
+    if args.tta > 1:
+        if not learner.classification:
+            raise ValueError(f"--tta: test-time augmentation needs a classification run; {loaded.path} is "
+                             f"{config.data.dataset} regression")
+        view_augment = training_augmentation(config.data.augment, config.data.augment_strokes) or RandomAffine()
+        print(f"test-time augmentation: {args.tta} views of each image ({view_augment!r}), "
+              f"scored after {steps if getattr(learner, 'takes_steps', True) else 0} steps")
     print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
-                   desc="evaluate").table())
+                   desc="evaluate", views=args.tta, view_augment=view_augment).table())
     return 0
