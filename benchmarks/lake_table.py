@@ -88,7 +88,7 @@ def run(algo: str, options: list, out: Path, args, budget: float = None, validat
     the stored score). ``validation``: train without Korean and score on Korean (``SEARCH``)."""
     result_file = out / "lake.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        return with_views(json.loads(result_file.read_text()), out, args, validation)
     budget = args.budget if budget is None else budget
     splits = VALIDATION if validation else ["--val-split", "background_small2"]
     train = [sys.executable, "-m", "fastadapt", "train", "--dataset", "omniglot", "--root", args.omniglot,
@@ -117,6 +117,22 @@ def run(algo: str, options: list, out: Path, args, budget: float = None, validat
               "alphabets": next(line for line in table.splitlines() if line.startswith("alphabets:")),
               "accuracy": [float(a) for _, a, _ in found], "ci": [float(c) for _, _, c in found]}
     result_file.write_text(json.dumps(result, indent=2))
+    return with_views(result, out, args, validation)
+
+
+def with_views(result: dict, out: Path, args, validation: bool) -> dict:
+    """``result`` with ``"tta"``: the same Lake tasks scored with ``eval --tta`` (``--tta`` views),
+    added to ``lake.json`` the first time it is asked for."""
+    if args.tta <= 1 or result.get("tta", {}).get("views") == args.tta:
+        return result
+    evaluate = [sys.executable, "-m", "fastadapt", "eval", str(out / "last.pt"), "--protocol", "lake",
+                *(VALIDATION_EVAL if validation else []), "--tta", str(args.tta),
+                "--episodes", str(args.episodes), "--threads", str(args.threads), "--quiet"]
+    print("$", shlex.join(evaluate), flush=True)
+    table = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
+    accuracy, ci = re.search(r"accuracy ([\d.]+)% ±\s+([\d.]+)", table).groups()
+    result["tta"] = {"views": args.tta, "accuracy": float(accuracy), "ci": float(ci)}
+    (out / "lake.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -133,6 +149,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(SEARCH), help="with --search: which (folder names)")
     parser.add_argument("--runs", default="runs/lake", help="folder for the runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tta", type=int, default=1, help="also score each run with eval --tta TTA (views)")
     args = parser.parse_args()
     where = (f"Lake's protocol on background_small2 (20-way 1-shot within an alphabet, {args.episodes} tasks), "
              f"trained on background_small1 for {args.budget:g} s each ({args.threads} CPU threads)")
@@ -145,11 +162,11 @@ def main() -> None:
                                    validation=True)))
         print(f"\nLake's protocol on held-out Korean ({args.episodes} tasks), trained on the other four alphabets "
               f"of background_small1 ({args.threads} CPU threads)\n")
-        print("| recipe | training | Lake's protocol on Korean |")
-        print("| --- | --- | --- |")
+        print(f"| recipe | training | Lake's protocol on Korean |{views_header(args)}")
+        print("| --- | --- | --- |" + (" --- |" if args.tta > 1 else ""))
         for name, r in rows:
             print(f"| {name} | {r['iterations']} iterations in {r['seconds']:g} s | "
-                  f"{r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |")
+                  f"{r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |{views_cell(r)}")
         return
     if args.ablation:
         rows = [(name, run("protonet", options, Path(args.runs) / f"variant{i}", args))
@@ -162,15 +179,25 @@ def main() -> None:
         return
     rows = [run(algo, shlex.split(args.extra), Path(args.runs) / algo, args) for algo in args.algos.split(",")]
     print(f"\n{where}; extra: {args.extra or 'none'}\n")
-    print("| algo | iterations | before adapting | after 1 step | after the last test step |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| algo | iterations | before adapting | after 1 step | after the last test step |{views_header(args)}")
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if args.tta > 1 else ""))
     for r in rows:
         acc, ci = r["accuracy"], r["ci"]
         if len(acc) == 1:
-            print(f"| {r['algo']} | {r['iterations']} | - | - | {acc[0]:.2f} ± {ci[0]:.2f}% (no inner steps) |")
+            print(f"| {r['algo']} | {r['iterations']} | - | - | {acc[0]:.2f} ± {ci[0]:.2f}% (no inner steps) |"
+                  + views_cell(r))
             continue
         print(f"| {r['algo']} | {r['iterations']} | {acc[0]:.2f}% | {acc[1]:.2f} ± {ci[1]:.2f}% | "
-              f"{acc[-1]:.2f} ± {ci[-1]:.2f}% ({len(acc) - 1} steps) |")
+              f"{acc[-1]:.2f} ± {ci[-1]:.2f}% ({len(acc) - 1} steps) |{views_cell(r)}")
+
+
+def views_header(args) -> str:
+    return f" with --tta {args.tta} |" if args.tta > 1 else ""
+
+
+def views_cell(result: dict) -> str:
+    tta = result.get("tta")
+    return f" {tta['accuracy']:.2f} ± {tta['ci']:.2f}% |" if tta else ""
 
 
 if __name__ == "__main__":
