@@ -375,6 +375,32 @@ def test_a_query_is_classified_the_same_alone_as_in_a_folder(glyph_run, tmp_path
     assert "together (transductive" in capsys.readouterr().err
 
 
+def test_test_time_views_are_drawn_from_each_image_so_alone_equals_together(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path, queries=3)
+    files = sorted(query.glob("*.png"))
+    plain = Predictor.load(glyph_run, device="cpu").adapt(support).predict(query)
+    copies = Predictor.load(glyph_run, device="cpu")
+    copies.views, copies.view_augment = 3, lambda images, generator: images.clone()
+    torch.testing.assert_close(copies.adapt(support).predict(query).probabilities, plain.probabilities,
+                               rtol=1e-4, atol=1e-6)
+    predictor = Predictor.load(glyph_run, device="cpu", views=4).adapt(support)
+    assert predictor.views == 4 and "RandomAffine" in repr(predictor.view_augment)
+    together = predictor.predict(query)
+    alone = torch.cat([predictor.predict(path).probabilities for path in files])
+    torch.testing.assert_close(alone, together.probabilities, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(predictor.predict(query).probabilities, together.probabilities, rtol=0, atol=0)
+    assert (together.probabilities - plain.probabilities).abs().max() > 1e-4
+    torch.testing.assert_close(together.probabilities.sum(1), torch.ones(len(files)))
+    assert together.labels.tolist() == together.probabilities.argmax(1).tolist()
+    with pytest.raises(ValueError, match="views must be a positive integer"):
+        Predictor.load(glyph_run, device="cpu", views=0)
+    capsys.readouterr()
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--tta", "4"]) == 0
+    assert "test-time augmentation: 4 views of each image (RandomAffine(" in capsys.readouterr().err
+    assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--tta", "0"]) == 2
+    assert "--tta must be a positive integer" in capsys.readouterr().err
+
+
 def test_predict_input_errors_name_the_argument(glyph_run, tmp_path, capsys):
     support, query = glyph_files(tmp_path)
     assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--steps", "-1"]) == 2

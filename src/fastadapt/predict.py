@@ -9,14 +9,17 @@ takes the support set once; ``predict`` can then be called any number of times.
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import experiment
+from .data.augment import RandomAffine, training_augmentation
 from .data.transform import ImageTransform, image_files, polarity, sub_folder_notice
 
 SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
@@ -65,10 +68,15 @@ class Predictor:
     QUERY_STATISTICS = ("support", "batch")
 
     def __init__(self, learner, transform: ImageTransform, n_way: Optional[int], inner_steps: int,
-                 device="cpu", query_statistics: str = "support"):
+                 device="cpu", query_statistics: str = "support", views: int = 1, view_augment=None):
         if query_statistics not in self.QUERY_STATISTICS:
             raise ValueError(f"query_statistics must be one of {', '.join(self.QUERY_STATISTICS)}, "
                              f"got {query_statistics!r}")
+        if not (isinstance(views, int) and not isinstance(views, bool) and views >= 1):
+            raise ValueError(f"views must be a positive integer (1: no test-time augmentation), got {views!r}")
+        if views > 1 and view_augment is None:
+            raise ValueError("views > 1 needs view_augment (e.g. fastadapt.data.RandomAffine())")
+        self.views, self.view_augment = views, view_augment
         self.learner, self.transform, self.n_way = learner.eval(), transform, n_way
         self.inner_steps, self.device = inner_steps, torch.device(device)
         self.query_statistics = query_statistics
@@ -80,13 +88,14 @@ class Predictor:
     @classmethod
     def load(cls, checkpoint, device=None, inner_steps: Optional[int] = None,
              bn_statistics: Optional[str] = None, invert: Optional[bool] = None, learner=None,
-             query_statistics: str = "support", head: Optional[str] = None) -> "Predictor":
+             query_statistics: str = "support", head: Optional[str] = None, views: int = 1) -> "Predictor":
         """A predictor from a checkpoint file or a run folder (its ``best.pt`` when present).
 
         ``device`` defaults to CUDA when available; ``inner_steps`` to the run's test-time steps;
         ``invert`` overrides the stored polarity (True: files are inverted, ``255 - pixel``);
         ``query_statistics`` is described in the class docstring; ``head`` scores a pretrain run
-        with another of its heads.
+        with another of its heads; ``views`` > 1 turns on test-time augmentation with copies drawn
+        as the run's training augmentation (``RandomAffine`` if it had none), as ``eval --tta``.
         A run of the command line rebuilds its learner from the stored configuration; for a model
         built in Python (``Trainer`` with your own learner) pass that ``learner`` to load into.
         """
@@ -114,7 +123,10 @@ class Predictor:
             raise ValueError(f"inner_steps must be a non-negative integer, got {steps!r}")
         if not getattr(learner, "takes_steps", True):
             steps = 0
-        predictor = cls(learner, transform, n_way, steps, device, query_statistics)
+        view_augment = None
+        if views != 1:
+            view_augment = training_augmentation(config.data.augment, config.data.augment_strokes) or RandomAffine()
+        predictor = cls(learner, transform, n_way, steps, device, query_statistics, views, view_augment)
         predictor.checkpoint, predictor.step = path, state.get("step")
         return predictor
 
@@ -230,6 +242,8 @@ class Predictor:
             raise ValueError(f"the support set has {len(names)} classes, but the model is {fixed}-way "
                              f"(its output layer has {fixed} units)")
         self.learner.use_classes(len(names))
+        if self.views > 1:
+            x, y = self._with_views(x).flatten(0, 1), y.repeat_interleave(self.views)
         with torch.no_grad():
             self._support_x = x.to(self.device, self.dtype)
             self._fast = self.learner.adapt(self._support_x, y.to(self.device), inner_steps=self.inner_steps)
@@ -259,7 +273,24 @@ class Predictor:
         if x.shape[0] == 0:
             raise ValueError("predict: no images given")
         reference = self._support_x if self.mode == "support" else None
+        count = x.shape[0]
+        if self.views > 1:
+            x = self._with_views(x).flatten(0, 1)
         with torch.no_grad():
             logits = self.learner.predict(self._fast, x.to(self.device, self.dtype), reference=reference)
+        if self.views > 1:  # each image's views vote with their mean probabilities, as evaluate scores them
+            probabilities = logits.float().softmax(-1).view(count, self.views, -1).mean(1).cpu()
+            return Prediction(probabilities.argmax(-1), probabilities, list(self.class_names), sources, self.mode)
         labels = logits.argmax(-1).cpu()  # of the logits, as evaluation scores them
         return Prediction(labels, logits.float().softmax(-1).cpu(), list(self.class_names), sources, self.mode)
+
+    def _with_views(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]`` images as ``[N, views, ...]``: each image, then ``views - 1`` copies drawn by
+        ``view_augment`` from a generator seeded by the image's own pixels, so that an image gets
+        the same views whether it comes alone or among others."""
+        rows = []
+        for image in x:
+            generator = np.random.default_rng(zlib.crc32(image.contiguous().numpy().tobytes()))
+            copies = self.view_augment(image[None].expand(self.views - 1, *image.shape).contiguous(), generator)
+            rows.append(torch.cat([image[None], copies.to(image.dtype)]))
+        return torch.stack(rows)

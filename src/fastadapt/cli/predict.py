@@ -34,6 +34,10 @@ def register(sub) -> None:
                         "statistics, so an image is classified the same alone or in a folder; batch normalises "
                         "the query images together, as evaluation scores an episode")
     p.add_argument("--bn-statistics", choices=["batch", "running"], help=common.BN_STATISTICS_HELP)
+    p.add_argument("--tta", type=int, default=1, metavar="VIEWS",
+                   help="test-time augmentation: each support image and VIEWS-1 copies of it adapt the model, and "
+                        "each query is classified by the mean probabilities of its VIEWS copies (drawn from the "
+                        "image's own pixels, so alone or among others it gets the same copies; default 1: none)")
     p.set_defaults(run=run)
 
 
@@ -44,16 +48,20 @@ def run(args) -> int:
         raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
     if args.inner_steps_test is not None and args.inner_steps_test < 0:
         raise ValueError(f"--steps must be a non-negative integer, got {args.inner_steps_test}")
+    if args.tta < 1:
+        raise ValueError(f"--tta must be a positive integer (views of each image; 1: none), got {args.tta}")
     predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
                                bn_statistics=args.bn_statistics, invert=args.invert,
-                               query_statistics=args.query_statistics, head=args.head)
+                               query_statistics=args.query_statistics, head=args.head, views=args.tta)
     query = Path(args.query)
     if not query.exists():
         raise FileNotFoundError(f"--query {query} does not exist")
     prediction = predictor.adapt(args.support).predict(query)
     step = f" (step {predictor.step})" if predictor.step is not None else ""
     print(f"fastadapt predict: {predictor.checkpoint}{step}, {predictor.inner_steps} adaptation step(s) on "
-          f"{len(predictor.class_names)} classes; {predictor.describe_mode()}", file=sys.stderr)
+          f"{len(predictor.class_names)} classes; {predictor.describe_mode()}"
+          + (f"; test-time augmentation: {predictor.views} views of each image ({predictor.view_augment!r})"
+             if predictor.views > 1 else ""), file=sys.stderr)
     k = args.top_k or 1
     ranked = prediction.top_k(k)
     if args.format == "json":
