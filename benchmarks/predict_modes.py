@@ -16,6 +16,10 @@ Prints accuracy with 95% intervals per mode and call, and the largest change of 
 between a query given alone and among the others.
 
     python benchmarks/predict_modes.py RUN --root ../shared/data/omniglot [--split background_small2] [--tasks 300]
+    python benchmarks/predict_modes.py RUN --root ../shared/data/omniglot --tta 8   # with test-time augmentation
+
+``--tta VIEWS`` loads every predictor with ``views=VIEWS`` (``predict --tta``; the support+query
+mode is then left out).
 """
 
 from __future__ import annotations
@@ -79,13 +83,16 @@ def main() -> None:
     parser.add_argument("--split", default="background_small2")
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tta", type=int, default=1, help="views of each image (Predictor.load(views=))")
     args = parser.parse_args()
 
     run = experiment.load_run(args.run, changes={"root": args.root}, build=False)
     trained = OmniglotSource.trained_alphabets(run.config)
     episodes, alphabets = lake_files(args.root, args.split, trained, args.tasks, args.seed)
-    print(f"{run.path}: {run.config.algorithm.name}, {args.tasks} tasks of Lake's protocol on {', '.join(alphabets)}")
-    predictors = {mode: Predictor.load(args.run, device="cpu", query_statistics=mode) for mode in Predictor.QUERY_STATISTICS}
+    print(f"{run.path}: {run.config.algorithm.name}, {args.tasks} tasks of Lake's protocol on {', '.join(alphabets)}"
+          + (f", {args.tta} views of each image" if args.tta > 1 else ""))
+    predictors = {mode: Predictor.load(args.run, device="cpu", query_statistics=mode, views=args.tta)
+                  for mode in Predictor.QUERY_STATISTICS}
     correct = defaultdict(list)
     largest_change = defaultdict(float)
     for episode in episodes:
@@ -102,8 +109,9 @@ def main() -> None:
             correct[(mode, "alone")].append((alone_labels == truth).float().mean())
             change = (together.probabilities - alone_probabilities).abs().max().item()
             largest_change[mode] = max(largest_change[mode], change)
-        each = support_plus_each(predictors["support"], queries)
-        correct[("support+query", "alone")].append((each.argmax(-1).cpu() == truth).float().mean())
+        if args.tta == 1:
+            each = support_plus_each(predictors["support"], queries)
+            correct[("support+query", "alone")].append((each.argmax(-1).cpu() == truth).float().mean())
     print(f"{'mode':<15}{'call':<10}{'accuracy %':>18}{'max |dp| alone vs together':>30}")
     for (mode, call), values in correct.items():
         values = torch.stack(values)
