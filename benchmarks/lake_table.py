@@ -121,9 +121,9 @@ def run(algo: str, options: list, out: Path, args, budget: float = None, validat
 
 
 def with_views(result: dict, out: Path, args, validation: bool) -> dict:
-    """``result`` with ``"tta"``: the same Lake tasks scored with ``eval --tta`` (``--tta`` views),
-    added to ``lake.json`` the first time it is asked for."""
-    if args.tta <= 1 or result.get("tta", {}).get("views") == args.tta:
+    """``result`` with ``"tta<VIEWS>"``: the same Lake tasks scored with ``eval --tta VIEWS``,
+    added to ``lake.json`` the first time it is asked for (each number of views kept apart)."""
+    if args.tta <= 1 or f"tta{args.tta}" in result:
         return result
     evaluate = [sys.executable, "-m", "fastadapt", "eval", str(out / "last.pt"), "--protocol", "lake",
                 *(VALIDATION_EVAL if validation else []), "--tta", str(args.tta),
@@ -131,7 +131,7 @@ def with_views(result: dict, out: Path, args, validation: bool) -> dict:
     print("$", shlex.join(evaluate), flush=True)
     table = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
     accuracy, ci = re.search(r"accuracy ([\d.]+)% ±\s+([\d.]+)", table).groups()
-    result["tta"] = {"views": args.tta, "accuracy": float(accuracy), "ci": float(ci)}
+    result[f"tta{args.tta}"] = {"accuracy": float(accuracy), "ci": float(ci)}
     (out / "lake.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -166,7 +166,7 @@ def main() -> None:
         print("| --- | --- | --- |" + (" --- |" if args.tta > 1 else ""))
         for name, r in rows:
             print(f"| {name} | {r['iterations']} iterations in {r['seconds']:g} s | "
-                  f"{r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |{views_cell(r)}")
+                  f"{r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |{views_cell(r, args)}")
         return
     if args.ablation:
         rows = [(name, run("protonet", options, Path(args.runs) / f"variant{i}", args))
@@ -185,18 +185,18 @@ def main() -> None:
         acc, ci = r["accuracy"], r["ci"]
         if len(acc) == 1:
             print(f"| {r['algo']} | {r['iterations']} | - | - | {acc[0]:.2f} ± {ci[0]:.2f}% (no inner steps) |"
-                  + views_cell(r))
+                  + views_cell(r, args))
             continue
         print(f"| {r['algo']} | {r['iterations']} | {acc[0]:.2f}% | {acc[1]:.2f} ± {ci[1]:.2f}% | "
-              f"{acc[-1]:.2f} ± {ci[-1]:.2f}% ({len(acc) - 1} steps) |{views_cell(r)}")
+              f"{acc[-1]:.2f} ± {ci[-1]:.2f}% ({len(acc) - 1} steps) |{views_cell(r, args)}")
 
 
 def views_header(args) -> str:
     return f" with --tta {args.tta} |" if args.tta > 1 else ""
 
 
-def views_cell(result: dict) -> str:
-    tta = result.get("tta")
+def views_cell(result: dict, args) -> str:
+    tta = result.get(f"tta{args.tta}")
     return f" {tta['accuracy']:.2f} ± {tta['ci']:.2f}% |" if tta else ""
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import experiment
-from .data.augment import RandomAffine, training_augmentation
+from .data.augment import view_augmentation
 from .data.transform import ImageTransform, image_files, polarity, sub_folder_notice
 
 SupportSet = Union[str, Path, Mapping[str, Sequence], torch.Tensor]
@@ -125,7 +125,7 @@ class Predictor:
             steps = 0
         view_augment = None
         if views != 1:
-            view_augment = training_augmentation(config.data.augment, config.data.augment_strokes) or RandomAffine()
+            view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
         predictor = cls(learner, transform, n_way, steps, device, query_statistics, views, view_augment)
         predictor.checkpoint, predictor.step = path, state.get("step")
         return predictor
@@ -290,7 +290,7 @@ class Predictor:
         the same views whether it comes alone or among others."""
         rows = []
         for image in x:
-            generator = np.random.default_rng(zlib.crc32(image.contiguous().numpy().tobytes()))
+            generator = np.random.default_rng(zlib.crc32(image.detach().cpu().contiguous().numpy().tobytes()))
             copies = self.view_augment(image[None].expand(self.views - 1, *image.shape).contiguous(), generator)
             rows.append(torch.cat([image[None], copies.to(image.dtype)]))
         return torch.stack(rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import data, experiment
-from ..data.augment import RandomAffine, training_augmentation
+from ..data.augment import view_augmentation
 from ..evaluate import evaluate
 from . import common
 
@@ -73,7 +73,7 @@ def run(args) -> int:
         if not learner.classification:
             raise ValueError(f"--tta: test-time augmentation needs a classification run; {loaded.path} is "
                              f"{config.data.dataset} regression")
-        view_augment = training_augmentation(config.data.augment, config.data.augment_strokes) or RandomAffine()
+        view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
         print(f"test-time augmentation: {args.tta} views of each image ({view_augment!r}), "
               f"scored after {steps if getattr(learner, 'takes_steps', True) else 0} steps")
     print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")

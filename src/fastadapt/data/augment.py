@@ -32,7 +32,8 @@ class RandomAffine:
         move = rng.uniform(-self.shift, self.shift, (n, 2)) * 2
         cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
         theta = np.stack([np.stack([cos, -sin, move[:, 0]], 1), np.stack([sin, cos, move[:, 1]], 1)], 1)
-        grid = F.affine_grid(torch.as_tensor(theta, dtype=images.dtype), list(images.shape), align_corners=False)
+        theta = torch.as_tensor(theta, dtype=images.dtype, device=images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def __repr__(self) -> str:
@@ -60,13 +61,15 @@ class StrokeStyle:
 
     def __call__(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         n, _, height, width = images.shape
-        coarse = torch.as_tensor(rng.normal(0.0, self.warp * 2, (n, 2, self.grid, self.grid)), dtype=images.dtype)
+        coarse = torch.as_tensor(rng.normal(0.0, self.warp * 2, (n, 2, self.grid, self.grid)), dtype=images.dtype,
+                                 device=images.device)
         field = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)
-        identity = F.affine_grid(torch.eye(2, 3, dtype=images.dtype).expand(n, 2, 3), list(images.shape),
+        identity = F.affine_grid(torch.eye(2, 3, dtype=images.dtype, device=images.device).expand(n, 2, 3), list(images.shape),
                                  align_corners=False)
         warped = F.grid_sample(images, identity + field.permute(0, 2, 3, 1), mode="bilinear",
                                padding_mode="zeros", align_corners=False)
-        blend = torch.as_tensor(rng.uniform(-self.width, self.width, n), dtype=images.dtype).view(n, 1, 1, 1)
+        blend = torch.as_tensor(rng.uniform(-self.width, self.width, n), dtype=images.dtype,
+                                device=images.device).view(n, 1, 1, 1)
         thicker = F.max_pool2d(warped, 3, stride=1, padding=1)
         thinner = -F.max_pool2d(-warped, 3, stride=1, padding=1)
         return torch.where(blend >= 0, warped + blend * (thicker - warped),
@@ -100,4 +103,10 @@ def training_augmentation(augment: bool, strokes: bool = False):
     return steps[0] if len(steps) == 1 else Compose(*steps)
 
 
-__all__ = ["RandomAffine", "StrokeStyle", "Compose", "training_augmentation"]
+def view_augmentation(augment: bool, strokes: bool = False):
+    """The copies test-time augmentation draws for a run (``eval --tta``, ``Predictor.load(views=)``):
+    as its training augmentation, or ``RandomAffine`` for a run trained without any."""
+    return training_augmentation(augment, strokes) or RandomAffine()
+
+
+__all__ = ["RandomAffine", "StrokeStyle", "Compose", "training_augmentation", "view_augmentation"]
