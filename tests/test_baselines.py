@@ -16,7 +16,7 @@ from fastadapt.algorithms.pretrain import Pretrain
 from fastadapt.algorithms.protonet import ProtoNet
 from fastadapt.cli import main
 from fastadapt.data import ClassBatch, ClassBatchSampler, ImageSet, RandomAffine
-from fastadapt.evaluate import _views, score_with_views
+from fastadapt.evaluate import Member, _views, score_with_views
 from fastadapt.experiment import load_init
 from fastadapt.models import conv4, resnet12
 from fastadapt.models.resnet import DropBlock
@@ -178,6 +178,78 @@ def test_test_time_views_that_copy_the_image_change_nothing_and_augmented_views_
         evaluate(learner, [batch], 1, views=0)
     with pytest.raises(ValueError, match="needs view_augment"):
         evaluate(learner, [batch], 1, views=2)
+
+
+def linear_protonet(seed, inputs=6, features=4):
+    torch.manual_seed(seed)
+    return ProtoNet(torch.nn.Linear(inputs, features).double(), n_way=4, embedding=None)
+
+
+def by_hand_probabilities(learner, batch):
+    """ProtoNet's class probabilities on a linear embedding: softmax of minus the squared distances
+    of each query's embedding to the class means of the embedded support set."""
+    with torch.no_grad():
+        zs, zq = learner.model(batch.support_x), learner.model(batch.query_x)
+    means = torch.stack([zs[:, batch.support_y[0] == c].mean(1) for c in range(4)], 1)
+    return (-((zq[:, :, None] - means[:, None]) ** 2).sum(-1)).softmax(-1)
+
+
+def test_an_ensemble_averages_its_members_class_probabilities():
+    """Two ProtoNets on different linear embeddings: the ensemble's accuracy and loss are those of
+    the mean of their probabilities computed by hand; a model ensembled with itself scores as it
+    does alone (plain, and with views); members are checked."""
+    batch = vector_tasks(tasks=5, shots=1, queries=6)
+    a, b = linear_protonet(0), linear_protonet(1)
+    mean = (by_hand_probabilities(a, batch) + by_hand_probabilities(b, batch)) / 2
+    result = evaluate(a, [batch], 0, ensemble=[Member(b, 0)])
+    expected_accuracy = (mean.argmax(-1) == batch.query_y).double().mean(1)
+    expected_loss = F.nll_loss(mean.log().flatten(0, 1), batch.query_y.flatten(), reduction="none").view(5, -1).mean(1)
+    torch.testing.assert_close(result.accuracy, expected_accuracy.mean()[None])
+    torch.testing.assert_close(result.loss, expected_loss.mean()[None])
+    assert not result.per_step and len(result.table().splitlines()) == 2
+    alone = [(mean_of(evaluate(m, [batch], 0))) for m in (a, b)]
+    assert (result.loss.item(), result.accuracy.item()) not in alone
+    images = image_batch(tasks=2, n_way=3, shots=2, queries=3)
+    maml = MAML(conv4(1, 3, hidden=4, image_size=8).double(), inner_lr=0.4, inner_steps=2)
+    plain = evaluate(maml, [images], 2)
+    twice = evaluate(maml, [images], 2, ensemble=[Member(maml, 2)])
+    torch.testing.assert_close(twice.accuracy, plain.accuracy[-1:])
+    torch.testing.assert_close(twice.loss, plain.loss[-1:])
+    augment = RandomAffine(rotation=30)
+    viewed = evaluate(maml, [images], 2, views=3, view_augment=augment)
+    both = evaluate(maml, [images], 2, views=3, view_augment=augment, ensemble=[Member(maml, 2, augment)])
+    torch.testing.assert_close(both.loss, viewed.loss)
+    with pytest.raises(ValueError, match="has no view_augment"):
+        evaluate(maml, [images], 2, views=3, view_augment=augment, ensemble=[Member(maml, 2)])
+    with pytest.raises(ValueError, match="member 1 is not a classifier"):
+        evaluate(maml, [images], 2, ensemble=[Member(MAML(conv4(1, 3, hidden=4, image_size=8).double(), loss="mse"), 1)])
+    with pytest.raises(TypeError, match="must be evaluate.Member"):
+        evaluate(maml, [images], 2, ensemble=[maml])
+
+
+def mean_of(result):
+    return result.loss[-1].item(), result.accuracy[-1].item()
+
+
+def test_cli_eval_of_several_runs_is_an_ensemble_and_refuses_runs_that_cannot_share_tasks(tmp_path, capsys):
+    runs = {name: tmp_path / name for name in ("a", "b", "five", "big")}
+    for name, extra in (("a", ["--seed", "1"]), ("b", ["--seed", "2"]), ("five", ["--algo", "maml", "--n-way", "5"]),
+                        ("big", ["--image-size", "20"])):
+        algo = [] if "--algo" in extra else ["--algo", "protonet"]
+        assert main(["train", *TINY_ARGS, *algo, *extra, "--steps", "2", "--out", str(runs[name])]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(runs["a"]), str(runs["b"]), "--episodes", "4", "--tta", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "an ensemble of 2 models" in out and f"{runs['b']}: ProtoNet" in out
+    assert "per inner step" not in out and "accuracy " in out
+    assert main(["eval", str(runs["a"]), str(runs["five"]), "--episodes", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "5-way model" in err and str(runs["five"]) in err
+    assert main(["eval", str(runs["a"]), str(runs["big"]), "--episodes", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "20 px" in err and str(runs["big"]) in err
+    assert main(["eval", str(runs["a"]), str(tmp_path / "missing"), "--episodes", "4", "--quiet"]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 def test_pretraining_step_is_classification_and_tracks_running_statistics():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,30 +79,63 @@ def _views(x: torch.Tensor, views: int, augment: Callable, seed) -> torch.Tensor
     return torch.stack(copies, 2)
 
 
-def score_with_views(learner, batch, inner_steps: int, views: int, augment: Callable, seed=(0,)):
-    """``(task_loss, task_accuracy)``, each ``[T]``, with test-time augmentation: every support
-    image and its ``views - 1`` augmented copies are the support set (more shots of each class),
-    and each query is predicted by the mean of the class probabilities of its ``views`` copies.
-    The copies are drawn from ``seed`` (the same on every call). Under batch statistics the views
-    of a task's queries are normalised together, as the queries are without augmentation."""
-    tasks, shots = batch.support_y.shape
-    queries = batch.query_y.shape[1]
+def view_probabilities(learner, batch, inner_steps: int, views: int, augment: Optional[Callable], seed=(0,)):
+    """``[T, Q, n_way]`` class probabilities of every query, with test-time augmentation: every
+    support image and its ``views - 1`` augmented copies are the support set (more shots of each
+    class), and each query's probabilities are the mean over its ``views`` copies. The copies are
+    drawn from ``seed`` (the same on every call); with one view nothing is drawn and these are the
+    probabilities of plain evaluation after ``inner_steps``. Under batch statistics the views of a
+    task's queries are normalised together, as the queries are without augmentation."""
+    tasks, queries = batch.query_y.shape
     support = _views(batch.support_x, views, augment, (*seed, 0)).flatten(1, 2)
     query = _views(batch.query_x, views, augment, (*seed, 1)).flatten(1, 2)
     enlarged = type(batch)(support, batch.support_y.repeat_interleave(views, 1), batch.query_x, batch.query_y)
     _, fast = learner.adapt_tasks(enlarged, inner_steps)
     with torch.no_grad():
         probabilities = learner.predict(fast, query).softmax(-1)
-    probabilities = probabilities.view(tasks, queries, views, -1).mean(2)
-    loss = F.nll_loss(probabilities.clamp_min(1e-12).log().flatten(0, 1), batch.query_y.flatten(),
+    return probabilities.view(tasks, queries, views, -1).mean(2)
+
+
+def score_probabilities(probabilities: torch.Tensor, query_y: torch.Tensor):
+    """``(task_loss, task_accuracy)``, each ``[T]``: the negative log-likelihood and accuracy of
+    ``[T, Q, n_way]`` class probabilities against the ``[T, Q]`` labels."""
+    tasks, queries = query_y.shape
+    loss = F.nll_loss(probabilities.clamp_min(1e-12).log().flatten(0, 1), query_y.flatten(),
                       reduction="none").view(tasks, queries).mean(1)
-    accuracy = (probabilities.argmax(-1) == batch.query_y).to(loss.dtype).mean(1)
-    return loss, accuracy
+    return loss, (probabilities.argmax(-1) == query_y).to(loss.dtype).mean(1)
+
+
+def score_with_views(learner, batch, inner_steps: int, views: int, augment: Callable, seed=(0,)):
+    """``(task_loss, task_accuracy)``, each ``[T]``, of ``view_probabilities``."""
+    return score_probabilities(view_probabilities(learner, batch, inner_steps, views, augment, seed), batch.query_y)
+
+
+@dataclass
+class Member:
+    """One more model of an ensemble scored by ``evaluate``: its learner, the inner steps it takes
+    at test and its view augmentation (used when ``views`` > 1)."""
+
+    learner: object
+    inner_steps: int
+    view_augment: Optional[Callable] = None
+
+
+def _ensemble_scores(members: List[Member], batch, device, views: int, seed):
+    """Each member's query probabilities (``view_probabilities``, the same views' seed for all),
+    averaged over the members with equal weight, then scored."""
+    total = None
+    for member in members:
+        dtype = next(member.learner.parameters()).dtype
+        steps = member.inner_steps if getattr(member.learner, "takes_steps", True) else 0
+        probabilities = view_probabilities(member.learner, batch.to(device, dtype), steps, views,
+                                           member.view_augment, seed).double()
+        total = probabilities if total is None else total + probabilities
+    return score_probabilities(total / len(members), batch.query_y.to(total.device))
 
 
 def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=None, progress: bool = False,
              desc: str = "evaluate", should_stop: Optional[Callable[[], bool]] = None, views: int = 1,
-             view_augment: Optional[Callable] = None) -> Optional[EvalResult]:
+             view_augment: Optional[Callable] = None, ensemble: Sequence[Member] = ()) -> Optional[EvalResult]:
     """Adapt every task of ``episodes`` (a list of ``TaskBatch``, e.g. ``sampler.fixed(n)``) for
     ``inner_steps`` steps, vectorised per batch, and summarise per-step query accuracy and loss
     (and, for a meta-RL learner, whose ``fine_tune`` gives ``task_return``, the returns).
@@ -110,23 +143,41 @@ def evaluate(learner, episodes: List, inner_steps: Optional[int] = None, device=
     split over the ranks and the per-task results gathered, each task counted once.
 
     ``views`` > 1: test-time augmentation with ``view_augment(images, generator)``
-    (``score_with_views``); classification only, scored after the last step (one row).
+    (``view_probabilities``); classification only, scored after the last step (one row).
+    ``ensemble``: more models (``Member``, e.g. other runs or seeds) whose class probabilities are
+    averaged with ``learner``'s, each query predicted by the mean (classification only, one row).
     ``progress`` shows a tqdm bar over the batches; ``should_stop``, checked between batches,
     ends the evaluation early, and then None is returned."""
     if not (isinstance(views, int) and views >= 1):
         raise ValueError(f"evaluate: views must be a positive integer, got {views!r}")
     if views > 1 and (view_augment is None or not getattr(learner, "classification", False)):
         raise ValueError("evaluate: test-time augmentation (views > 1) needs view_augment and a classifier")
-    ctx = distributed.current()
     takes_steps = getattr(learner, "takes_steps", True)
-    per_step = takes_steps and views == 1
     inner_steps = inner_steps if takes_steps else 0
+    members = []
+    if ensemble:
+        members = [Member(learner, learner.inner_steps if inner_steps is None else inner_steps, view_augment),
+                   *ensemble]
+        for number, member in enumerate(members):
+            if not isinstance(member, Member):
+                raise TypeError(f"evaluate: ensemble members must be evaluate.Member, got {type(member).__name__}")
+            if not getattr(member.learner, "classification", False):
+                raise ValueError(f"evaluate: ensemble member {number} is not a classifier; only class "
+                                 "probabilities can be averaged")
+            if views > 1 and member.view_augment is None:
+                raise ValueError(f"evaluate: ensemble member {number} has no view_augment for views > 1")
+    ctx = distributed.current()
+    per_step = takes_steps and views == 1 and not members
     dtype = next(learner.parameters()).dtype
     local = []
     mine = distributed.shard(list(enumerate(episodes)), ctx)
     for index, batch in tqdm(mine, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         if should_stop is not None and should_stop():
             return None
+        if members:
+            loss, accuracy = _ensemble_scores(members, batch, device, views, seed=(index,))
+            local.append((index, loss.double().cpu()[:, None], accuracy.double().cpu()[:, None], None))
+            continue
         if views > 1:
             steps = learner.inner_steps if inner_steps is None else inner_steps
             loss, accuracy = score_with_views(learner, batch.to(device, dtype), steps, views, view_augment,

@@ -6,13 +6,15 @@ import torch
 
 from .. import data, experiment
 from ..data.augment import view_augmentation
-from ..evaluate import evaluate
+from ..evaluate import Member, evaluate
 from . import common
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run on fixed test tasks with 95%% intervals")
-    p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
+    p.add_argument("checkpoint", nargs="+",
+                   help="checkpoint file, or run folder (its best.pt, else last.pt); several: an ensemble, each "
+                        "query predicted by the mean class probabilities of every model (on the first one's tasks)")
     p.add_argument("--episodes", dest="test_episodes", type=int, help="test tasks (default: the run's: 600, or 40 "
                                                                         "for a meta-RL run)")
     p.add_argument("--inner-steps-test", type=int)
@@ -48,7 +50,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
-    loaded = experiment.load_run(args.checkpoint, changes=changes, device=args.device or "usable",
+    first, *others = args.checkpoint
+    loaded = experiment.load_run(first, changes=changes, device=args.device or "usable",
                                  bn_statistics=args.bn_statistics, builder=common.build_learner)
     config, learner = loaded.config, loaded.learner
     steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
@@ -68,15 +71,43 @@ def run(args) -> int:
         print("\n".join(lines))
     else:
         tasks = common.build_tasks(config, splits=("test",))["test"]
+    if (args.tta > 1 or others) and not getattr(learner, "classification", False):
+        raise ValueError(f"{'--tta' if args.tta > 1 else 'an ensemble'}: needs a classification run (class "
+                         f"probabilities); {loaded.path} is {config.data.dataset} regression")
     view_augment = None
     if args.tta > 1:
-        if not learner.classification:
-            raise ValueError(f"--tta: test-time augmentation needs a classification run; {loaded.path} is "
-                             f"{config.data.dataset} regression")
         view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
         print(f"test-time augmentation: {args.tta} views of each image ({view_augment!r}), "
               f"scored after {steps if getattr(learner, 'takes_steps', True) else 0} steps")
+    members = [ensemble_member(path, tasks[0], loaded, changes, args) for path in others]
+    if members:
+        print(f"an ensemble of {len(members) + 1} models, the mean of their class probabilities:")
+        for path, member in zip(others, members):
+            print(f"  {path}: {type(member.learner).__name__}, {member.inner_steps} steps at test")
     print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
-                   desc="evaluate", views=args.tta, view_augment=view_augment).table())
+                   desc="evaluate", views=args.tta, view_augment=view_augment, ensemble=members).table())
     return 0
+
+
+def ensemble_member(path, task, first, changes, args) -> Member:
+    """Another model of ``eval RUN RUN...``, on the first run's device and scored on its tasks:
+    an error naming the file when its images or classes cannot be those tasks'."""
+    loaded = experiment.load_run(path, changes=changes, device=first.config.training.device,
+                                 bn_statistics=args.bn_statistics, builder=common.build_learner)
+    config, learner = loaded.config, loaded.learner
+    if not getattr(learner, "classification", False):
+        raise ValueError(f"an ensemble: {loaded.path} is {config.data.dataset} regression; only classification "
+                         "runs' probabilities can be averaged")
+    shape, expected = (config.data.channels, config.data.image_size), (first.config.data.channels,
+                                                                          first.config.data.image_size)
+    if shape != expected:
+        raise ValueError(f"an ensemble: {loaded.path} takes {shape[0]}-channel {shape[1]} px images, but "
+                         f"{first.path}'s tasks are {expected[0]}-channel {expected[1]} px")
+    try:
+        learner.use_classes(task.support_y.shape[1])
+    except ValueError as error:
+        raise ValueError(f"an ensemble: {error}; {loaded.path} cannot be scored on {first.path}'s tasks") from None
+    steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
+    augment = view_augmentation(config.data.augment, config.data.augment_strokes) if args.tta > 1 else None
+    return Member(learner, steps, augment)
