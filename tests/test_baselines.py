@@ -250,6 +250,19 @@ def test_cli_eval_of_several_runs_is_an_ensemble_and_refuses_runs_that_cannot_sh
     assert "20 px" in err and str(runs["big"]) in err
     assert main(["eval", str(runs["a"]), str(tmp_path / "missing"), "--episodes", "4", "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err
+    assert main(["eval", str(runs["a"]), str(runs["a"] / "last.pt"), "--episodes", "4", "--quiet"]) == 0
+    assert "one checkpoint more than once" not in capsys.readouterr().err  # best.pt and last.pt are two
+    assert main(["eval", str(runs["a"]), str(runs["a"]), "--episodes", "4", "--quiet"]) == 0
+    assert "one checkpoint more than once" in capsys.readouterr().err
+    assert main(["eval", str(runs["a"]), str(runs["b"]), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
+    assert "--head: none of the runs is a pretrain run" in capsys.readouterr().err
+    pre = tmp_path / "pre"
+    assert main(["train", *TINY_ARGS, "--algo", "pretrain", "--batch-size", "16", "--steps", "2", "--out", str(pre)]) == 0
+    capsys.readouterr()
+    for head in ("logistic", "finetune"):  # the head is the pretrain run's; ProtoNet has none
+        assert main(["eval", str(runs["a"]), str(pre), "--head", head, "--episodes", "4", "--quiet"]) == 0
+        out = capsys.readouterr().out
+        assert f"{pre}: Pretrain, {'no inner steps' if head == 'logistic' else '2 steps'} at test" in out
 
 
 def test_pretraining_step_is_classification_and_tracks_running_statistics():

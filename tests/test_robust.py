@@ -160,8 +160,14 @@ def test_divergence_stops_with_exit_1_and_keeps_finite_weights(tmp_path, capsys)
     err = without_warnings(capsys.readouterr().err)
     assert err.startswith("fastadapt train: diverged: the validation query loss after adapting is")
     assert "the inner loop diverges" in err and "lower --inner-lr (now 1e+06)" in err
-    assert not (tmp_path / "inner" / "last.pt").exists()
+    assert not (tmp_path / "inner").exists()  # nothing to resume: the failed run's folder is not left to block
     assert "no checkpoint was written before it" in err
+    assert main(["train", *TINY_ARGS, "--inner-lr", "0.4", "--out", str(tmp_path / "inner")]) == 0
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert main(["train", *TINY_ARGS, "--inner-lr", "1e6", "--out", str(kept)]) == 1
+    assert [f.name for f in kept.iterdir()] == ["notes.txt"]
 
 
 def test_one_writer_per_run_folder_and_distinct_default_folders(tmp_path, capsys):

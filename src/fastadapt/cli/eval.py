@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import data, experiment
+from ..checkpoint import find_checkpoint
 from ..data.augment import view_augmentation
 from ..evaluate import Member, evaluate
 from . import common
@@ -51,7 +52,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
     first, *others = args.checkpoint
-    loaded = experiment.load_run(first, changes=changes, device=args.device or "usable",
+    if others and args.head:
+        changes = _head_for_pretrain_runs(args.checkpoint, changes)
+    loaded = experiment.load_run(first, changes=changes[first] if others and args.head else changes,
+                                 device=args.device or "usable",
                                  bn_statistics=args.bn_statistics, builder=common.build_learner)
     config, learner = loaded.config, loaded.learner
     steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
@@ -79,15 +83,32 @@ def run(args) -> int:
         view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
         print(f"test-time augmentation: {args.tta} views of each image ({view_augment!r}), "
               f"scored after {steps if getattr(learner, 'takes_steps', True) else 0} steps")
-    members = [ensemble_member(path, tasks[0], loaded, changes, args) for path in others]
+    members = [ensemble_member(path, tasks[0], loaded, changes[path] if args.head else changes, args)
+               for path in others]
     if members:
         print(f"an ensemble of {len(members) + 1} models, the mean of their class probabilities:")
         for path, member in zip(others, members):
-            print(f"  {path}: {type(member.learner).__name__}, {member.inner_steps} steps at test")
+            steps_taken = f"{member.inner_steps} steps" if getattr(member.learner, "takes_steps", True) else \
+                "no inner steps"
+            print(f"  {path}: {type(member.learner).__name__}, {steps_taken} at test")
+        paths = [find_checkpoint(path).resolve() for path in args.checkpoint]
+        if len(set(paths)) < len(paths):
+            import warnings
+            warnings.warn("the ensemble holds one checkpoint more than once; it counts that many times in the mean",
+                          stacklevel=2)
     print(f"{loaded.path} (step {loaded.state.get('step', '?')}):")
     print(evaluate(learner, tasks, steps, device=config.training.device, progress=not args.quiet,
                    desc="evaluate", views=args.tta, view_augment=view_augment, ensemble=members).table())
     return 0
+
+
+def _head_for_pretrain_runs(paths, changes) -> dict:
+    """Each run's changes for ``eval RUN RUN... --head H``: the head is the pretrain runs' (the
+    others have no heads); an error when none of the runs is one."""
+    algorithms = {path: experiment.load_run(path, build=False).config.algorithm.name for path in paths}
+    if "pretrain" not in algorithms.values():
+        raise ValueError(f"--head: none of the runs is a pretrain run (they are {', '.join(sorted(set(algorithms.values())))})")
+    return {path: changes if name == "pretrain" else {**changes, "head": None} for path, name in algorithms.items()}
 
 
 def ensemble_member(path, task, first, changes, args) -> Member:

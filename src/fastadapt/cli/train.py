@@ -85,11 +85,14 @@ def run(args) -> int:
     new_folder = not out.exists()
     try:
         with RunLock(out) if ctx.is_main else contextlib.nullcontext():
-            return _train(args, config, out, ctx)
+            code = _train(args, config, out, ctx)
     except Exception:
         if ctx.is_main and not args.resume:
             _remove_unfinished(out, new_folder)
         raise
+    if code != 0 and ctx.is_main and not args.resume:  # e.g. diverged before its first checkpoint
+        _remove_unfinished(out, new_folder)
+    return code
 
 
 # what a new run writes before its first checkpoint
