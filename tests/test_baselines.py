@@ -3,6 +3,7 @@ optimiser), ResNet-12 (shapes, DropBlock, second-order MAML against the loop ref
 a learner from another run (--init), one-row evaluation of learners without inner steps, and
 test-time augmentation (evaluate's views)."""
 
+import importlib
 import json
 
 import pytest
@@ -174,6 +175,13 @@ def test_test_time_views_that_copy_the_image_change_nothing_and_augmented_views_
     view = _views(batch.support_x, 2, augment, (7, 0))
     torch.testing.assert_close(view[:, :, 0], batch.support_x, rtol=0, atol=0)
     torch.testing.assert_close(view[:, :, 1], augment(batch.support_x.flatten(0, 1), drawn).view_as(batch.support_x))
+    evaluate_module = importlib.import_module("fastadapt.evaluate")  # the package names the function evaluate
+    whole = evaluate_module.view_probabilities(learner, batch, steps, 4, augment, (3,))
+    limit, evaluate_module.PREDICT_IMAGES = evaluate_module.PREDICT_IMAGES, 10  # one task per predict call
+    try:
+        torch.testing.assert_close(evaluate_module.view_probabilities(learner, batch, steps, 4, augment, (3,)), whole)
+    finally:
+        evaluate_module.PREDICT_IMAGES = limit
     with pytest.raises(ValueError, match="views must be a positive integer"):
         evaluate(learner, [batch], 1, views=0)
     with pytest.raises(ValueError, match="needs view_augment"):

@@ -79,6 +79,9 @@ def _views(x: torch.Tensor, views: int, augment: Callable, seed) -> torch.Tensor
     return torch.stack(copies, 2)
 
 
+PREDICT_IMAGES = 4096  # query images per predict call of view_probabilities (each task's rows stay together)
+
+
 def view_probabilities(learner, batch, inner_steps: int, views: int, augment: Optional[Callable], seed=(0,)):
     """``[T, Q, n_way]`` class probabilities of every query, with test-time augmentation: every
     support image and its ``views - 1`` augmented copies are the support set (more shots of each
@@ -91,8 +94,11 @@ def view_probabilities(learner, batch, inner_steps: int, views: int, augment: Op
     query = _views(batch.query_x, views, augment, (*seed, 1)).flatten(1, 2)
     enlarged = type(batch)(support, batch.support_y.repeat_interleave(views, 1), batch.query_x, batch.query_y)
     _, fast = learner.adapt_tasks(enlarged, inner_steps)
+    chunk = max(1, PREDICT_IMAGES // query.shape[1])  # many views: a few tasks at a time (memory)
     with torch.no_grad():
-        probabilities = learner.predict(fast, query).softmax(-1)
+        probabilities = torch.cat([learner.predict({name: w[start:start + chunk] for name, w in fast.items()},
+                                                   query[start:start + chunk]).softmax(-1)
+                                   for start in range(0, tasks, chunk)])
     return probabilities.view(tasks, queries, views, -1).mean(2)
 
 
