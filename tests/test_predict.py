@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from helpers import TINY_ARGS, shared_data, write_png
-from fastadapt import Predictor, experiment
+from fastadapt import Predictor, PredictorEnsemble, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastadapt.algorithms import forward
 from fastadapt.cli import main
@@ -399,6 +399,38 @@ def test_test_time_views_are_drawn_from_each_image_so_alone_equals_together(glyp
     assert "test-time augmentation: 4 views of each image (RandomAffine(" in capsys.readouterr().err
     assert main(["predict", str(glyph_run), "--support", str(support), "--query", str(query), "--tta", "0"]) == 2
     assert "--tta must be a positive integer" in capsys.readouterr().err
+
+
+def test_an_ensemble_of_predictors_averages_their_probabilities_alone_as_together(glyph_run, tmp_path, capsys):
+    support, query = glyph_files(tmp_path, queries=3)
+    files = sorted(query.glob("*.png"))
+    other = tmp_path / "other"
+    assert main(["train", *TINY_ARGS, "--algo", "protonet", "--seed", "3", "--out", str(other)]) == 0
+    capsys.readouterr()
+    first = Predictor.load(glyph_run, device="cpu").adapt(support).predict(query)
+    second = Predictor.load(other, device="cpu").adapt(support).predict(query)
+    ensemble = PredictorEnsemble.load([glyph_run, other], device="cpu").adapt(support)
+    together = ensemble.predict(query)
+    torch.testing.assert_close(together.probabilities, (first.probabilities + second.probabilities) / 2)
+    assert together.labels.tolist() == together.probabilities.argmax(1).tolist()
+    assert together.sources == first.sources and together.class_names == first.class_names
+    alone = torch.cat([ensemble.predict(path).probabilities for path in files])
+    torch.testing.assert_close(alone, together.probabilities, rtol=1e-4, atol=1e-5)
+    assert ensemble.mode == "support" and len(ensemble.predictors) == 2
+    with pytest.raises(TypeError, match="a tensor is one member's network input"):
+        ensemble.predict(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="none of the runs is a pretrain run"):
+        PredictorEnsemble.load([glyph_run, other], head="logistic")
+    with pytest.raises(ValueError, match="one or more Predictor"):
+        PredictorEnsemble([])
+    assert main(["predict", str(glyph_run), str(other), "--support", str(support), "--query", str(query),
+                 "--top-k", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith(f"fastadapt predict: an ensemble of {glyph_run / 'best.pt'} (step 4), ")
+    assert f" and {other / 'best.pt'} (step " in out.err and ", 0 adaptation step(s) on 3 classes" in out.err
+    rows = list(csv.reader(io.StringIO(out.out)))
+    assert [r[1] for r in rows[1:]] == together.names
+    assert [float(r[2]) for r in rows[1:]] == pytest.approx(together.probabilities.max(1).values.tolist(), abs=1e-5)
 
 
 def test_predict_input_errors_name_the_argument(glyph_run, tmp_path, capsys):

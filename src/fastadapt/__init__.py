@@ -5,11 +5,11 @@ from .algorithms import ANIL, MAML, FirstOrderMAML, MAMLPlusPlus, MetaLearner, M
 from .config import AlgorithmConfig, DataConfig, ModelConfig, RunConfig, TrainingConfig
 from .data import Sinusoid, TaskBatch
 from .evaluate import evaluate
-from .predict import Prediction, Predictor
+from .predict import Prediction, Predictor, PredictorEnsemble
 from .train import Trainer
 from .version import __version__
 
 __all__ = ["MAML", "FirstOrderMAML", "MAMLPlusPlus", "MetaSGD", "ANIL", "Reptile", "ProtoNet", "MetaLearner",
-           "MetaOutput", "Sinusoid", "TaskBatch", "Trainer", "evaluate", "Predictor", "Prediction", "RunConfig",
+           "MetaOutput", "Sinusoid", "TaskBatch", "Trainer", "evaluate", "Predictor", "PredictorEnsemble", "Prediction", "RunConfig",
            "DataConfig", "ModelConfig", "AlgorithmConfig", "TrainingConfig", "algorithms", "config", "data", "models",
            "__version__"]

@@ -294,3 +294,67 @@ class Predictor:
             copies = self.view_augment(image[None].expand(self.views - 1, *image.shape).contiguous(), generator)
             rows.append(torch.cat([image[None], copies.to(image.dtype)]))
         return torch.stack(rows)
+
+
+class PredictorEnsemble:
+    """Several predictors (other seeds, other learners) adapted to the same support set: each
+    image's class probabilities are the mean of theirs, as ``fastadapt eval RUN RUN...`` scores
+    an ensemble. Each member reads the files with its own preprocessing, so a support set or
+    queries are given as files, folders or PIL images (a tensor would be one member's input).
+    With every member in support mode an image is classified the same alone or among others."""
+
+    def __init__(self, predictors: Sequence[Predictor]):
+        predictors = list(predictors)
+        if not predictors or not all(isinstance(p, Predictor) for p in predictors):
+            raise ValueError("PredictorEnsemble needs one or more Predictor objects")
+        self.predictors = predictors
+
+    @classmethod
+    def load(cls, checkpoints: Sequence, head: Optional[str] = None, **options) -> "PredictorEnsemble":
+        """``Predictor.load`` of each checkpoint with the same ``options``; ``head`` is given to the
+        pretrain runs among them (the others have no heads), an error when none is one."""
+        checkpoints = list(checkpoints)
+        if not checkpoints:
+            raise ValueError("PredictorEnsemble.load: no checkpoints given")
+        heads = [None] * len(checkpoints)
+        if head is not None:
+            names = [experiment.load_run(c, build=False).config.algorithm.name for c in checkpoints]
+            if "pretrain" not in names:
+                raise ValueError(f"head: none of the runs is a pretrain run (they are {', '.join(sorted(set(names)))})")
+            heads = [head if name == "pretrain" else None for name in names]
+        return cls([Predictor.load(c, head=h, **options) for c, h in zip(checkpoints, heads)])
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        return self.predictors[0].class_names
+
+    @property
+    def mode(self) -> str:
+        """The members' ``mode`` when they share one, else their modes joined by ``+``."""
+        modes = list(dict.fromkeys(p.mode for p in self.predictors))
+        return "+".join(modes)
+
+    def describe_mode(self) -> str:
+        lines = list(dict.fromkeys(p.describe_mode() for p in self.predictors))
+        return "; ".join(lines)
+
+    def adapt(self, support: SupportSet, labels=None, class_names: Optional[Sequence[str]] = None):
+        """Adapt every member to ``support`` (as ``Predictor.adapt``)."""
+        if isinstance(support, torch.Tensor) and len(self.predictors) > 1:
+            raise TypeError("PredictorEnsemble.adapt: give the support set as a folder or a {class: [images]} "
+                            "mapping; a tensor is one member's network input")
+        for predictor in self.predictors:
+            predictor.adapt(support, labels, class_names)
+        return self
+
+    def predict(self, images) -> Prediction:
+        """The mean of the members' class probabilities for ``images`` (as ``Predictor.predict``)."""
+        if isinstance(images, torch.Tensor) and len(self.predictors) > 1:
+            raise TypeError("PredictorEnsemble.predict: give the images as files, a folder or PIL images; a tensor "
+                            "is one member's network input")
+        if not isinstance(images, (str, Path)):
+            images = list(images)  # an iterator is read once per member
+        predictions = [p.predict(images) for p in self.predictors]
+        probabilities = torch.stack([p.probabilities for p in predictions]).mean(0)
+        first = predictions[0]
+        return Prediction(probabilities.argmax(-1), probabilities, first.class_names, first.sources, self.mode)

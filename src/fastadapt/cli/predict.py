@@ -15,7 +15,9 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="adapt to a support folder and classify query images",
                        description="Adapt a meta-trained model to labelled support images and classify query "
                                    "images. Files are read with the preprocessing stored in the checkpoint.")
-    p.add_argument("checkpoint", help="checkpoint file, or run folder (its best.pt, else last.pt)")
+    p.add_argument("checkpoint", nargs="+",
+                   help="checkpoint file, or run folder (its best.pt, else last.pt); several: an ensemble, each "
+                        "image classified by the mean class probabilities of every model")
     p.add_argument("--support", required=True, help="DIR/<class>/<images>, one folder per class (any number "
                                                     "of images each)")
     p.add_argument("--query", required=True, help="an image, or a folder of images to classify")
@@ -42,7 +44,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..predict import Predictor
+    from ..predict import Predictor, PredictorEnsemble
 
     if args.top_k is not None and args.top_k <= 0:
         raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
@@ -50,18 +52,24 @@ def run(args) -> int:
         raise ValueError(f"--steps must be a non-negative integer, got {args.inner_steps_test}")
     if args.tta < 1:
         raise ValueError(f"--tta must be a positive integer (views of each image; 1: none), got {args.tta}")
-    predictor = Predictor.load(args.checkpoint, device=args.device or "cpu", inner_steps=args.inner_steps_test,
-                               bn_statistics=args.bn_statistics, invert=args.invert,
-                               query_statistics=args.query_statistics, head=args.head, views=args.tta)
+    options = dict(device=args.device or "cpu", inner_steps=args.inner_steps_test, bn_statistics=args.bn_statistics,
+                   invert=args.invert, query_statistics=args.query_statistics, views=args.tta)
+    if len(args.checkpoint) == 1:
+        predictor = Predictor.load(args.checkpoint[0], head=args.head, **options)
+        members = [predictor]
+    else:
+        predictor = PredictorEnsemble.load(args.checkpoint, head=args.head, **options)
+        members = predictor.predictors
     query = Path(args.query)
     if not query.exists():
         raise FileNotFoundError(f"--query {query} does not exist")
     prediction = predictor.adapt(args.support).predict(query)
-    step = f" (step {predictor.step})" if predictor.step is not None else ""
-    print(f"fastadapt predict: {predictor.checkpoint}{step}, {predictor.inner_steps} adaptation step(s) on "
+    used = " and ".join(f"{m.checkpoint}" + (f" (step {m.step})" if m.step is not None else "")
+                        + f", {m.inner_steps} adaptation step(s)" for m in members)
+    print(f"fastadapt predict: {'an ensemble of ' if len(members) > 1 else ''}{used} on "
           f"{len(predictor.class_names)} classes; {predictor.describe_mode()}"
-          + (f"; test-time augmentation: {predictor.views} views of each image ({predictor.view_augment!r})"
-             if predictor.views > 1 else ""), file=sys.stderr)
+          + (f"; test-time augmentation: {args.tta} views of each image ({members[0].view_augment!r})"
+             if args.tta > 1 else ""), file=sys.stderr)
     k = args.top_k or 1
     ranked = prediction.top_k(k)
     if args.format == "json":
