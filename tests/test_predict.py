@@ -419,7 +419,7 @@ def test_an_ensemble_of_predictors_averages_their_probabilities_alone_as_togethe
     assert ensemble.mode == "support" and len(ensemble.predictors) == 2
     with pytest.raises(TypeError, match="a tensor is one member's network input"):
         ensemble.predict(torch.zeros(1, 1, 28, 28))
-    with pytest.raises(ValueError, match="none of the runs is a pretrain run"):
+    with pytest.raises(ValueError, match="none of the runs has heads"):
         PredictorEnsemble.load([glyph_run, other], head="logistic")
     with pytest.raises(ValueError, match="one or more Predictor"):
         PredictorEnsemble([])

@@ -147,6 +147,18 @@ def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=
     return Run(path, state, config, learner.to(config.training.device))
 
 
+def heads_for(checkpoints, head: str) -> list:
+    """One ``head`` for several runs (an ensemble): ``head`` for each run whose algorithm has an
+    option of that name (the pretrained baseline's heads), None for the others; an error when
+    none of them has one."""
+    names = [load_run(c, build=False).config.algorithm.name for c in checkpoints]
+    takes = [any(o.name == "head" for o in algorithms.registry.accepted_options(algorithms.registered()[n]))
+             for n in names]
+    if not any(takes):
+        raise ValueError(f"--head: none of the runs has heads (they are {', '.join(sorted(set(names)))} runs)")
+    return [head if t else None for t in takes]
+
+
 def resolve(config=None) -> RunConfig:
     """A checked ``RunConfig`` from a flat or nested dict (or a ``RunConfig``), with the image size,
     channels and network width the data set implies filled in."""

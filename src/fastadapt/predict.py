@@ -316,12 +316,7 @@ class PredictorEnsemble:
         checkpoints = list(checkpoints)
         if not checkpoints:
             raise ValueError("PredictorEnsemble.load: no checkpoints given")
-        heads = [None] * len(checkpoints)
-        if head is not None:
-            names = [experiment.load_run(c, build=False).config.algorithm.name for c in checkpoints]
-            if "pretrain" not in names:
-                raise ValueError(f"head: none of the runs is a pretrain run (they are {', '.join(sorted(set(names)))})")
-            heads = [head if name == "pretrain" else None for name in names]
+        heads = [None] * len(checkpoints) if head is None else experiment.heads_for(checkpoints, head)
         return cls([Predictor.load(c, head=h, **options) for c, h in zip(checkpoints, heads)])
 
     @property

@@ -103,12 +103,9 @@ def run(args) -> int:
 
 
 def _head_for_pretrain_runs(paths, changes) -> dict:
-    """Each run's changes for ``eval RUN RUN... --head H``: the head is the pretrain runs' (the
-    others have no heads); an error when none of the runs is one."""
-    algorithms = {path: experiment.load_run(path, build=False).config.algorithm.name for path in paths}
-    if "pretrain" not in algorithms.values():
-        raise ValueError(f"--head: none of the runs is a pretrain run (they are {', '.join(sorted(set(algorithms.values())))})")
-    return {path: changes if name == "pretrain" else {**changes, "head": None} for path, name in algorithms.items()}
+    """Each run's changes for ``eval RUN RUN... --head H``: the head goes to the runs that have heads."""
+    heads = experiment.heads_for(paths, changes["head"])
+    return {path: {**changes, "head": head} for path, head in zip(paths, heads)}
 
 
 def ensemble_member(path, task, first, changes, args) -> Member:
