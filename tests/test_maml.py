@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fastadapt
 from fastadapt import MAML, TaskBatch
+from fastadapt.algorithms import ProtoNet
 from fastadapt.models import Learner, mlp
 from helpers import deepcopy_fine_tune, forward, grads_of, image_batch, loop_meta_loss, small_conv4
 
@@ -249,3 +250,19 @@ def test_compiled_step_matches_eager():
     eager = MAML(model, inner_lr=0.4, inner_steps=2).meta_loss(batch).loss
     torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
     assert_all_close(grads_of(compiled, model), grads_of(eager, model), rtol=1e-6)
+
+
+def test_a_deep_copy_of_a_used_learner_runs_its_own_model():
+    """The engine caches its vmapped functions, bound to the learner that built them: a copy made
+    after use (an ensemble's member, a snapshot) must build its own, not run the original's."""
+    import copy
+
+    for learner in (MAML(small_conv4(), inner_lr=0.4, inner_steps=2), ProtoNet(small_conv4(), n_way=3)):
+        batch = image_batch()
+        before = learner.fine_tune(batch, inner_steps=2).task_loss
+        twin = copy.deepcopy(learner)
+        with torch.no_grad():
+            for p in learner.parameters():
+                p.mul_(0.5)
+        torch.testing.assert_close(twin.fine_tune(batch, inner_steps=2).task_loss, before, rtol=0, atol=0)
+        assert not torch.allclose(learner.fine_tune(batch, inner_steps=2).task_loss, before)

@@ -167,6 +167,13 @@ class MetaLearner(nn.Module):
 
     QUERY_STATISTICS = ("batch", "support")
 
+    def __getstate__(self):
+        """A copy (``copy.deepcopy``, pickle) leaves out the cached vmapped functions: they are
+        closures over this learner, and a copy that ran them would run this learner's model."""
+        state = dict(super().__getstate__())
+        state["_compiled"] = {}
+        return state
+
     @property
     def query_statistics(self) -> str:
         """How BatchNorm normalises the query images when the engine scores them (training,
