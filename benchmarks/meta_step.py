@@ -134,7 +134,7 @@ def tuned(step):
 def max_difference(a, b):
     if isinstance(a, torch.Tensor):
         a, b = [a], [b]
-    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+    return max((x.float() - y.float().to(x.device)).abs().max().item() for x, y in zip(a, b))
 
 
 def peak_memory(device, row, which):
