@@ -20,6 +20,7 @@ from PIL import Image
 from torch.func import functional_call
 
 from fastadapt import TaskBatch
+from fastadapt.data import Glyphs
 from fastadapt.models import conv4
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -161,3 +162,19 @@ def deepcopy_fine_tune(model, batch, inner_lr, steps):
             fast = {n: w - inner_lr * g for (n, w), g in zip(fast.items(), grads)}
         del net
     return accuracies
+
+
+def glyph_files(folder, shots=(1, 1, 1), queries=2, inverted=True):
+    """Glyphs test characters as PNG files: dark strokes on white (as Omniglot's files) unless
+    ``inverted=False``. ``shots``: support images per class."""
+    glyphs = Glyphs(num_classes=len(shots), examples_per_class=max(shots) + queries, split="test")
+    per_class = max(shots) + queries
+    for c, k in enumerate(shots):
+        for e in range(per_class):
+            image = glyphs.images[c * per_class + e, 0].numpy()
+            image = 255 - image if inverted else image
+            if e < k:
+                write_png(folder / "support" / f"c{c}" / f"{e}.png", image)
+            elif e >= max(shots):
+                write_png(folder / "query" / f"c{c}_{e}.png", image)
+    return folder / "support", folder / "query"

@@ -20,7 +20,7 @@ from fastadapt.data import RandomAffine
 from fastadapt.evaluate import Member
 from fastadapt.models import conv4, resnet12
 
-from helpers import TINY_ARGS, grads_of, image_batch, loop_meta_loss
+from helpers import TINY_ARGS, glyph_files, grads_of, image_batch, loop_meta_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -119,8 +119,6 @@ def test_a_run_trained_on_cuda_evaluates_alike_on_cuda_and_cpu(gpu_runs, capsys)
 
 
 def test_predict_on_cuda_equals_the_cpu(gpu_runs, tmp_path):
-    from test_predict import glyph_files
-
     support, query = glyph_files(tmp_path, queries=3)
     for views in (1, 3):
         cpu = Predictor.load(gpu_runs["maml"], device="cpu", views=views).adapt(support).predict(query)

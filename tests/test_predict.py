@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_ARGS, shared_data, write_png
+from helpers import TINY_ARGS, glyph_files, shared_data
 from fastadapt import Predictor, PredictorEnsemble, experiment
 from fastadapt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastadapt.algorithms import forward
@@ -136,22 +136,6 @@ def glyph_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("glyphs") / "run"
     assert main(["train", *TINY_ARGS, "--out", str(run)]) == 0
     return run
-
-
-def glyph_files(folder, shots=(1, 1, 1), queries=2, inverted=True):
-    """Glyphs test characters as PNG files: dark strokes on white (as Omniglot's files) unless
-    ``inverted=False``. ``shots``: support images per class."""
-    glyphs = Glyphs(num_classes=len(shots), examples_per_class=max(shots) + queries, split="test")
-    per_class = max(shots) + queries
-    for c, k in enumerate(shots):
-        for e in range(per_class):
-            image = glyphs.images[c * per_class + e, 0].numpy()
-            image = 255 - image if inverted else image
-            if e < k:
-                write_png(folder / "support" / f"c{c}" / f"{e}.png", image)
-            elif e >= max(shots):
-                write_png(folder / "query" / f"c{c}_{e}.png", image)
-    return folder / "support", folder / "query"
 
 
 def test_predictor_reads_files_as_the_sampler_reads_the_data_set(glyph_run, tmp_path):
