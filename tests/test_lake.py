@@ -70,6 +70,9 @@ def test_the_minimal_sets_share_greek_and_latin_so_evaluation_leaves_out_what_tr
     for part in (val, test):
         assert sorted(set(part.alphabets)) == ["Japanese_(katakana)", "Sanskrit", "Tagalog"]
         assert part.left_out == ["Greek", "Latin"]
+    other_seed = experiment.resolve({**experiment.PRESETS["omniglot-minimal-20w1s"], "root": str(root), "seed": 7})
+    again = OmniglotSource.lake_tasks(other_seed, count=40)[0]  # the protocol's tasks, not the run's seed's
+    assert all(torch.equal(a.support_x, b.support_x) and torch.equal(a.query_y, b.query_y) for a, b in zip(tasks, again))
     with pytest.warns(UserWarning, match="include Greek, which the run trained on"):
         assert OmniglotSource.lake_tasks(config, alphabets="Greek,Sanskrit", count=2)[2] == []
     with pytest.raises(ValueError, match="every alphabet it has .* is excluded"):

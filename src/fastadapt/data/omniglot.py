@@ -313,11 +313,14 @@ class OmniglotSource(DataSource):
                           "selected on; name a --test-split (and --test-alphabets) for an unbiased test", stacklevel=3)
         return train, val, test
 
+    LAKE_SEED = 2  # the protocol's own tasks, whatever the run's seed (2: what seed-0 runs always drew)
+
     @classmethod
     def lake_tasks(cls, config, split: str = "background_small2", alphabets=None, count: int = 600):
         """Lake et al.'s one-shot protocol (Science 2015) on an Omniglot split: 20-way 1-shot, every
         task's 20 characters from one alphabet, its support images by one drawer and its queries
-        (one per character) by another; ``count`` fixed tasks, in batches of ``eval_batch``.
+        (one per character) by another; ``count`` fixed tasks, in batches of ``eval_batch``, the
+        same for every run (not drawn from its training seed), so runs are compared on one set.
 
         Only alphabets the run did not train on are used, unless ``alphabets`` names some: the
         minimal sets share Greek and Latin, image for image, and a model trained on
@@ -336,7 +339,7 @@ class OmniglotSource(DataSource):
         images = Omniglot(config.data.root, split, image_size=config.data.image_size, alphabets=chosen,
                           exclude_alphabets=() if chosen else trained)
         sizes = Counter(images.alphabets)
-        sampler = EpisodeSampler(images, 20, 1, 1, min(config.data.eval_batch, count), seed=config.training.seed + 2,
+        sampler = EpisodeSampler(images, 20, 1, 1, min(config.data.eval_batch, count), seed=cls.LAKE_SEED,
                                  group_by="alphabet", drawers="disjoint")
         return first_tasks(sampler, count), sorted(a for a, n in sizes.items() if n >= 20), images.left_out
 
