@@ -14,12 +14,16 @@ exists is not repeated.
     python benchmarks/lake_table.py ... --extra "--augment --group-by alphabet" --runs runs/lake-recipe
     python benchmarks/lake_table.py ... --ablation --runs runs/ablation
     python benchmarks/lake_table.py ... --search --budget 300 --runs runs/search [--variants preset,strokes]
+    python benchmarks/lake_table.py ... --algos protonet --ensemble 2 --threads 1 --tta 16 --budget 3600
 
 ``--ablation`` trains ProtoNet with the ``omniglot-minimal-20w1s`` recipe (``--augment --group-by
 alphabet --cosine``), then with each of its options taken out in turn, with a wider network and
 with the MAML paper's rotated characters as extra classes. ``--search`` is the recipe search of
 docs/results.md: each variant trains on four alphabets of ``images_background_small1`` and is
 scored on Lake's protocol on the fifth, Korean, so that the test alphabets decide nothing.
+``--ensemble N`` trains N runs of each algorithm at once (seeds 1 to N, ``--threads`` each: two
+one-thread runs fill the two cores for the budget) and scores each and their ensemble
+(``fastadapt eval RUN RUN...``: the mean of their class probabilities).
 """
 
 from __future__ import annotations
@@ -136,6 +140,40 @@ def with_views(result: dict, out: Path, args, validation: bool) -> dict:
     return result
 
 
+def ensemble(algo: str, args) -> None:
+    """``--ensemble N``: N seeds of ``algo`` trained side by side, then each and all of them scored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folders = [Path(args.runs) / f"{algo}-seed{seed}" for seed in range(1, args.ensemble + 1)]
+    options = shlex.split(args.extra)
+    with ThreadPoolExecutor(args.ensemble) as pool:
+        members = list(pool.map(lambda item: run(algo, [*options, "--seed", str(item[0])], item[1], args),
+                                enumerate(folders, start=1)))
+    result_file = Path(args.runs) / f"{algo}-ensemble{args.ensemble}.json"
+    scores = json.loads(result_file.read_text()) if result_file.exists() else {}
+    for views in sorted({1, args.tta}):
+        if f"tta{views}" in scores:
+            continue
+        evaluate = [sys.executable, "-m", "fastadapt", "eval", *[str(f / "last.pt") for f in folders], "--protocol",
+                    "lake", "--tta", str(views), "--episodes", str(args.episodes), "--threads",
+                    str(args.threads * args.ensemble), "--quiet"]
+        print("$", shlex.join(evaluate), flush=True)
+        table = subprocess.run(evaluate, check=True, capture_output=True, text=True).stdout
+        accuracy, ci = re.search(r"accuracy ([\d.]+)% ±\s+([\d.]+)", table).groups()
+        scores[f"tta{views}"] = {"accuracy": float(accuracy), "ci": float(ci)}
+        result_file.write_text(json.dumps(scores, indent=2))
+    print(f"\n{algo}: {args.ensemble} seeds trained side by side for {args.budget:g} s each "
+          f"({args.threads} CPU thread(s) each); Lake's protocol, {args.episodes} tasks\n")
+    print(f"| run | iterations | Lake's protocol |{views_header(args)}")
+    print("| --- | --- | --- |" + (" --- |" if args.tta > 1 else ""))
+    for folder, r in zip(folders, members):
+        print(f"| {folder.name} | {r['iterations']} | {r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |"
+              + views_cell(r, args))
+    plain = scores["tta1"]
+    print(f"| the ensemble (eval {' '.join(f.name for f in folders)}) | - | {plain['accuracy']:.2f} ± "
+          f"{plain['ci']:.2f}% |" + views_cell(scores, args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--omniglot", required=True, help="folder with images_background_small{1,2}.zip")
@@ -150,6 +188,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/lake", help="folder for the runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--tta", type=int, default=1, help="also score each run with eval --tta TTA (views)")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="N",
+                        help="train N seeds of each of --algos side by side and score their ensemble")
     args = parser.parse_args()
     where = (f"Lake's protocol on background_small2 (20-way 1-shot within an alphabet, {args.episodes} tasks), "
              f"trained on background_small1 for {args.budget:g} s each ({args.threads} CPU threads)")
@@ -167,6 +207,10 @@ def main() -> None:
         for name, r in rows:
             print(f"| {name} | {r['iterations']} iterations in {r['seconds']:g} s | "
                   f"{r['accuracy'][-1]:.2f} ± {r['ci'][-1]:.2f}% |{views_cell(r, args)}")
+        return
+    if args.ensemble:
+        for algo in args.algos.split(","):
+            ensemble(algo, args)
         return
     if args.ablation:
         rows = [(name, run("protonet", options, Path(args.runs) / f"variant{i}", args))
