@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from fastadapt import MAML, TaskBatch
-from fastadapt.models import Learner, conv4, miniimagenet_config, mlp, omniglot_config
+from fastadapt.models import Learner, TaskNorm2d, conv4, miniimagenet_config, mlp, omniglot_config
 
 
 def test_seed_omniglot_config_maps_28x28x1_to_n_way():
@@ -97,3 +97,78 @@ def test_first_layer_convolution_by_matmul_equals_conv2d_with_gradients_and_unde
     expected = vmap(run)(params, images)
     with forward.applied(conv, forward.ForwardPolicy()):
         torch.testing.assert_close(vmap(run)(params, images), expected)
+
+
+# ---------------------------------------------------------------------- TaskNorm-I (--norm tasknorm)
+def test_tasknorm_blends_the_context_statistics_with_each_images_own():
+    import torch.nn.functional as F
+    from fastadapt.algorithms import forward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+    norm = TaskNorm2d(3).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        norm.blend.fill_(0.4)
+    alpha = torch.sigmoid(torch.tensor(0.4, dtype=torch.float64))
+    for rows in (None, 2):
+        context = x if rows is None else x[:rows]
+        context_mean = context.mean(dim=(0, 2, 3), keepdim=True)
+        context_var = ((context - context_mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        image_mean = x.mean(dim=(2, 3), keepdim=True)
+        image_var = ((x - image_mean) ** 2).mean(dim=(2, 3), keepdim=True)
+        mean = alpha * context_mean + (1 - alpha) * image_mean
+        var = alpha * (context_var + (context_mean - mean) ** 2) + (1 - alpha) * (image_var + (image_mean - mean) ** 2)
+        expected = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+        with forward.applied(norm, forward.ForwardPolicy(reference_rows=rows)):
+            torch.testing.assert_close(norm(x), expected)
+    with forward.applied(norm, forward.ForwardPolicy(reference_rows=2)):
+        changed = x.clone()
+        changed[3:] = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(norm(changed)[:3], norm(x)[:3], rtol=0, atol=0)  # a row depends on itself
+    with torch.no_grad():
+        norm.blend.fill_(40.0)  # alpha 1: BatchNorm with batch statistics
+    torch.testing.assert_close(norm(x), F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+    with torch.no_grad():
+        norm.blend.fill_(-40.0)  # alpha 0: instance normalisation
+    torch.testing.assert_close(norm(x), F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps))
+    with pytest.raises(ValueError, match="needs spatial positions"):
+        norm(torch.zeros(4, 3))
+
+
+def test_second_order_maml_through_tasknorm_matches_the_loop_reference_and_learns_the_blend():
+    from helpers import grads_of, image_batch, loop_meta_loss
+
+    torch.manual_seed(0)
+    model = conv4(1, 3, hidden=4, image_size=8, norm="tasknorm").double()
+    batch = image_batch(tasks=2)
+    out = MAML(model, inner_lr=0.3, inner_steps=2).meta_loss(batch)
+    reference, _ = loop_meta_loss(model, batch, 0.3, 2, create_graph=True, per_step=False)
+    torch.testing.assert_close(out.loss, reference, rtol=1e-10, atol=1e-12)
+    names = [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads_of(out.loss, model), grads_of(reference, model)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+        if name.endswith("blend"):
+            assert a.abs() > 0, name
+
+
+def test_a_tasknorm_protonet_in_support_mode_classifies_each_query_alone_as_together():
+    from fastadapt.algorithms import ProtoNet, Pretrain
+    from helpers import image_batch
+
+    torch.manual_seed(0)
+    learner = ProtoNet(conv4(1, 3, hidden=4, image_size=8, norm="tasknorm").double(), n_way=3)
+    learner.query_statistics = "support"
+    batch = image_batch(tasks=1, n_way=3, shots=2, queries=3)
+    support_x, support_y, query = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+    fast = learner.adapt(support_x, support_y)
+    with torch.no_grad():
+        together = learner.predict(fast, query, reference=support_x)
+        alone = torch.cat([learner.predict(fast, query[i:i + 1], reference=support_x) for i in range(len(query))])
+    torch.testing.assert_close(alone, together)
+    out = learner.fine_tune(batch)
+    torch.testing.assert_close(out.task_loss[0, -1], torch.nn.functional.cross_entropy(together, batch.query_y[0]))
+    pretrain = Pretrain(conv4(1, 3, hidden=4, image_size=8, norm="tasknorm"))
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        pretrain.fine_tune(image_batch(tasks=1, n_way=3, dtype=torch.float32))

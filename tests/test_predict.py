@@ -473,3 +473,18 @@ def test_a_run_trained_with_support_statistics_keeps_them_in_eval_predict_and_re
     main(["train", "--dataset", "sinusoid", "--steps", "1", "--eval-every", "1", "--val-episodes", "1",
           "--test-episodes", "1", "--query-statistics", "support", "--quiet", "--out", str(tmp_path / "sine")])
     assert "--query-statistics means nothing for sinusoid (its network has no BatchNorm)" in capsys.readouterr().err
+
+
+def test_a_tasknorm_run_trained_in_support_mode_predicts_alone_as_together(tmp_path, capsys):
+    run = tmp_path / "tn"
+    assert main(["train", *TINY_ARGS, "--algo", "protonet", "--norm", "tasknorm", "--query-statistics", "support",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["norm"] == "tasknorm"
+    support, query = glyph_files(tmp_path, queries=3)
+    predictor = Predictor.load(run, device="cpu").adapt(support)
+    together = predictor.predict(query)
+    alone = torch.cat([predictor.predict(path).probabilities for path in sorted(query.glob("*.png"))])
+    torch.testing.assert_close(alone, together.probabilities, rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    assert main(["train", *TINY_ARGS, "--backbone", "resnet12", "--norm", "tasknorm", "--out", str(tmp_path / "r")]) == 2
+    assert "--norm tasknorm is built into conv4 only" in capsys.readouterr().err

@@ -149,7 +149,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """The network: the ``backbone`` (``"conv4"`` with ``hidden`` filters and ``pool``, ``"max"``
-    or ``"stride"`` by image size; or ``"resnet12"`` with four ``widths``, default 64-160-320-640,
+    or ``"stride"`` by image size, and ``norm``, BatchNorm or TaskNorm-I; or ``"resnet12"`` with four ``widths``, default 64-160-320-640,
     and DropBlock's ``drop_block`` probability) and ``outputs`` head units (None: ``n_way``), or
     the reference code's config list ``network``; and the dtype of the weights."""
 
@@ -162,8 +162,10 @@ class ModelConfig:
     widths: Optional[List[int]] = None
     drop_block: float = 0.0
     init: Optional[str] = None  # the run or state-dict file the backbone was started from
+    norm: str = "batch"  # conv4's normalisation: "batch" (BatchNorm) or "tasknorm" (TaskNorm-I)
 
     BACKBONES = ("conv4", "resnet12")
+    NORMS = ("batch", "tasknorm")
 
     def check(self) -> None:
         if self.backbone not in self.BACKBONES:
@@ -192,6 +194,10 @@ class ModelConfig:
             raise ConfigError("pool", f"must be 'max' or 'stride', got {self.pool!r}", "ModelConfig.pool")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError("dtype", f"must be float32 or float64, got {self.dtype!r}", "ModelConfig.dtype")
+        if self.norm not in self.NORMS:
+            raise ConfigError("norm", f"must be one of {', '.join(self.NORMS)}, got {self.norm!r}", "ModelConfig.norm")
+        if self.norm != "batch" and (self.backbone != "conv4" or self.network is not None):
+            raise ConfigError("norm", f"{self.norm} is built into conv4 only", "ModelConfig.norm")
 
 
 @dataclass

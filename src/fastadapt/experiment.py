@@ -269,7 +269,7 @@ def build_model(c: RunConfig):
     if c.model.backbone == "resnet12":
         return models.resnet12(c.data.channels, outputs, c.model.widths or models.RESNET12_WIDTHS, c.data.image_size,
                                c.model.drop_block)
-    return models.conv4(c.data.channels, outputs, c.model.hidden, c.data.image_size, c.model.pool)
+    return models.conv4(c.data.channels, outputs, c.model.hidden, c.data.image_size, c.model.pool, c.model.norm)
 
 
 def build_learner(c: RunConfig, model=None):

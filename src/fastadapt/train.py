@@ -177,7 +177,7 @@ class Trainer:
         if m.backbone == "resnet12":
             m.widths, m.drop_block = list(spec["widths"]), spec["drop_prob"]
         else:
-            m.hidden, m.pool = spec["hidden"], spec["pool"]
+            m.hidden, m.pool, m.norm = spec["hidden"], spec["pool"], spec.get("norm", "batch")
         m.outputs = None if spec["n_way"] == d.n_way else spec["n_way"]
 
     # ------------------------------------------------------------------ checkpoints

@@ -125,6 +125,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", choices=["conv4", "resnet12"], help="the network: conv4 (the MAML paper's) or "
                                                                       "ResNet-12 (MetaOptNet's)")
     g.add_argument("--hidden", type=int, help="conv4 filters")
+    g.add_argument("--norm", choices=["batch", "tasknorm"],
+                   help="conv4's normalisation: batch (BatchNorm) or tasknorm (TaskNorm-I, Bronskill et al. 2020: "
+                        "statistics blended with each image's own; with --query-statistics support, a model that "
+                        "classifies one image alone as it was trained to)")
     g.add_argument("--widths", type=widths, help="ResNet-12's four block widths, e.g. 64,160,320,640 (the default)")
     g.add_argument("--drop-block", type=float, help="ResNet-12: DropBlock probability in its last two blocks")
     g.add_argument("--network", help="a JSON file with a MAML-Pytorch config list ([[\"conv2d\", [64, 1, 3, 3, 2, 0]], "
