@@ -169,6 +169,13 @@ def test_a_tasknorm_protonet_in_support_mode_classifies_each_query_alone_as_toge
     torch.testing.assert_close(alone, together)
     out = learner.fine_tune(batch)
     torch.testing.assert_close(out.task_loss[0, -1], torch.nn.functional.cross_entropy(together, batch.query_y[0]))
-    pretrain = Pretrain(conv4(1, 3, hidden=4, image_size=8, norm="tasknorm"))
-    with pytest.raises(ValueError, match="keeps no running statistics"):
-        pretrain.fine_tune(image_batch(tasks=1, n_way=3, dtype=torch.float32))
+    from fastadapt.algorithms import MAMLPlusPlus, forward
+
+    with pytest.raises(ValueError, match=r"TaskNorm \(--norm tasknorm\) keeps none"):
+        Pretrain(conv4(1, 3, hidden=4, image_size=8, norm="tasknorm"))
+    with pytest.raises(ValueError, match="add --no-per-step-bn"):
+        MAMLPlusPlus(conv4(1, 3, hidden=4, image_size=8, norm="tasknorm"), per_step_bn=True)
+    norm = TaskNorm2d(3)
+    with forward.applied(norm, forward.ForwardPolicy(statistics="running")), \
+            pytest.raises(ValueError, match="keeps no running statistics"):
+        norm(torch.zeros(2, 3, 4, 4))

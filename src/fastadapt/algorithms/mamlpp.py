@@ -105,6 +105,9 @@ class MAMLPlusPlus(MAML):
     def _init_per_step_bn(self, model) -> None:
         if not self._bn_names:
             raise ValueError("per_step_bn=True: the model has no BatchNorm layer")
+        if any(hasattr(m, "normalise") for m in model.modules()):
+            raise ValueError("per-step BatchNorm (MAML++'s, on with --algo mamlpp) records running statistics, which "
+                             "TaskNorm (--norm tasknorm) does not keep; add --no-per-step-bn")
         rows = max(self.inner_steps, 1)
         modules = dict(model.named_modules())
         weights, biases = [], []

@@ -72,6 +72,9 @@ class Pretrain(MetaLearner):
     def __init__(self, model, head: str = "centroid", inner_lr: float = 0.1, finetune_body: bool = False,
                  logistic_c: float = 1.0, task_chunk="auto", compile: bool = False):
         super().__init__(model, inner_steps=0, loss="cross_entropy", task_chunk=task_chunk, compile=compile)
+        if any(hasattr(m, "normalise") for m in model.modules()):
+            raise ValueError("pretrain trains BatchNorm's running statistics and tests with them; TaskNorm (--norm "
+                             "tasknorm) keeps none")
         for part in ("features", "head"):
             if not hasattr(model, part):
                 raise ValueError(f"pretrain: the model has no submodule {part!r} (conv4 and resnet12 have "
