@@ -407,6 +407,11 @@ def test_an_ensemble_of_predictors_averages_their_probabilities_alone_as_togethe
         PredictorEnsemble.load([glyph_run, other], head="logistic")
     with pytest.raises(ValueError, match="one or more Predictor"):
         PredictorEnsemble([])
+    five = tmp_path / "five"
+    assert main(["train", *TINY_ARGS, "--n-way", "5", "--out", str(five)]) == 0
+    with pytest.raises(ValueError, match=f"{five / 'best.pt'}: the support set has 3 classes, but the model is 5-way"):
+        PredictorEnsemble.load([other, five], device="cpu").adapt(support)
+    capsys.readouterr()
     assert main(["predict", str(glyph_run), str(other), "--support", str(support), "--query", str(query),
                  "--top-k", "2"]) == 0
     out = capsys.readouterr()

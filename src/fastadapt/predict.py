@@ -339,7 +339,10 @@ class PredictorEnsemble:
             raise TypeError("PredictorEnsemble.adapt: give the support set as a folder or a {class: [images]} "
                             "mapping; a tensor is one member's network input")
         for predictor in self.predictors:
-            predictor.adapt(support, labels, class_names)
+            try:
+                predictor.adapt(support, labels, class_names)
+            except ValueError as error:
+                raise ValueError(f"{getattr(predictor, 'checkpoint', 'a member')}: {error}") from None
         return self
 
     def predict(self, images) -> Prediction:
