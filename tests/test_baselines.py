@@ -373,6 +373,11 @@ def test_init_loads_the_backbone_and_refuses_other_shapes(tmp_path):
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pt")
     assert "backbone and head" in load_init(same, tmp_path / "ddp.pt")
     assert torch.equal(same.model.head.weight, source.head.weight)
+    task_norm = ProtoNet(conv4(1, 40, hidden=8, image_size=28, norm="tasknorm"), n_way=5)
+    blends = {n: p.clone() for n, p in task_norm.model.state_dict().items() if n.endswith("blend")}
+    assert "TaskNorm's 4 blend weights start as initialised" in load_init(task_norm, tmp_path / "weights.pt")
+    assert torch.equal(task_norm.model.features[1].weight, source.features[1].weight)
+    assert all(torch.equal(task_norm.model.state_dict()[n], v) for n, v in blends.items())
     with pytest.raises(ValueError, match=r"features.0.weight is \[8, 1, 3, 3\] there but \[16, 1, 3, 3\]"):
         load_init(MAML(conv4(1, 5, hidden=16, image_size=28)), tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="none of this network's backbone"):

@@ -340,8 +340,11 @@ def load_init(learner, source) -> str:
         sample = ", ".join(sorted(weights)[:4])
         raise ValueError(f"--init {path}: holds none of this network's backbone weights ({backbone[0]}, ...; it "
                          f"holds {sample}, ...): is it a run of another backbone?")
+    fresh = [name for name in missing if name.endswith(".blend")]  # TaskNorm's, from a BatchNorm network
+    missing = [name for name in missing if name not in fresh]
     if missing:
         raise ValueError(f"--init {path}: lacks {missing[0]} (and {len(missing) - 1} more) of this network's backbone")
+    backbone = [name for name in backbone if name not in fresh]
     for name in backbone:
         if weights[name].shape != target[name].shape:
             raise ValueError(f"--init {path}: {name} is {_shape(weights[name])} there but {_shape(target[name])} in "
@@ -353,8 +356,9 @@ def load_init(learner, source) -> str:
     with torch.no_grad():
         for name in chosen:
             target[name].copy_(weights[name])
+    blends = f"; TaskNorm's {len(fresh)} blend weights start as initialised (none there)" if fresh else ""
     if head_fits and head:
-        return f"--init: backbone and head ({len(chosen)} tensors) loaded from {path}"
+        return f"--init: backbone and head ({len(chosen)} tensors) loaded from {path}{blends}"
     return (f"--init: backbone ({len(backbone)} tensors) loaded from {path}; the head is new"
             + (f" (there {_shape(weights[head[0]])}, here {_shape(target[head[0]])})"
-               if head and head[0] in weights else ""))
+               if head and head[0] in weights else "") + blends)
