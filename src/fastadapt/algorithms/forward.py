@@ -100,7 +100,7 @@ def applied(model: nn.Module, policy: ForwardPolicy):
 def _batch_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     policy = _CURRENT.policy
     dims = [0, *range(2, x.dim())]
-    if hasattr(module, "normalise"):  # TaskNorm (models.TaskNorm2d): its own statistics, under this policy's rows
+    if hasattr(type(module), "normalise"):  # TaskNorm (models.TaskNorm2d): its own statistics, this policy's rows
         if policy.statistics == "running" or policy.update_running:
             raise ValueError("TaskNorm (--norm tasknorm) keeps no running statistics: it serves learners that "
                              "normalise with batch or support statistics, not running ones")

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import algorithms, data, experiment, models
-from ..config import FLAT_KEYS, RunConfig
+from ..config import FLAT_KEYS, ModelConfig, RunConfig
 from ..rl.envs import families as rl_families
 
 BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
@@ -125,7 +125,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", choices=["conv4", "resnet12"], help="the network: conv4 (the MAML paper's) or "
                                                                       "ResNet-12 (MetaOptNet's)")
     g.add_argument("--hidden", type=int, help="conv4 filters")
-    g.add_argument("--norm", choices=["batch", "tasknorm"],
+    g.add_argument("--norm", choices=list(ModelConfig.NORMS),
                    help="conv4's normalisation: batch (BatchNorm) or tasknorm (TaskNorm-I, Bronskill et al. 2020: "
                         "statistics blended with each image's own; with --query-statistics support, a model that "
                         "classifies one image alone as it was trained to)")

@@ -52,10 +52,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
     first, *others = args.checkpoint
-    if others and args.head:
-        changes = _head_for_pretrain_runs(args.checkpoint, changes)
-    loaded = experiment.load_run(first, changes=changes[first] if others and args.head else changes,
-                                 device=args.device or "usable",
+    run_changes = _changes_per_run(args.checkpoint, changes)
+    loaded = experiment.load_run(first, changes=run_changes[first], device=args.device or "usable",
                                  bn_statistics=args.bn_statistics, builder=common.build_learner)
     config, learner = loaded.config, loaded.learner
     steps = args.inner_steps_test if args.inner_steps_test is not None else config.algorithm.inner_steps_test
@@ -83,8 +81,7 @@ def run(args) -> int:
         view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
         print(f"test-time augmentation: {args.tta} views of each image ({view_augment!r}), "
               f"scored after {steps if getattr(learner, 'takes_steps', True) else 0} steps")
-    members = [ensemble_member(path, tasks[0], loaded, changes[path] if args.head else changes, args)
-               for path in others]
+    members = [ensemble_member(path, tasks[0], loaded, run_changes[path], args) for path in others]
     if members:
         print(f"an ensemble of {len(members) + 1} models, the mean of their class probabilities:")
         for path, member in zip(others, members):
@@ -102,8 +99,11 @@ def run(args) -> int:
     return 0
 
 
-def _head_for_pretrain_runs(paths, changes) -> dict:
-    """Each run's changes for ``eval RUN RUN... --head H``: the head goes to the runs that have heads."""
+def _changes_per_run(paths, changes) -> dict:
+    """Each run's changes: the same for all, except that in an ensemble ``--head`` goes to the runs
+    that have heads."""
+    if len(paths) == 1 or not changes.get("head"):
+        return {path: changes for path in paths}
     heads = experiment.heads_for(paths, changes["head"])
     return {path: {**changes, "head": head} for path, head in zip(paths, heads)}
 
