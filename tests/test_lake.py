@@ -189,3 +189,31 @@ def test_minimal_preset_encodes_the_recipe_and_trains(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--protocol", "lake", "--episodes", "2", "--quiet"]) == 0
     assert "Lake et al.'s protocol" in capsys.readouterr().out
+
+
+def test_drawers_disjoint_trains_on_episodes_shaped_like_lakes_runs(capsys):
+    """``--drawers disjoint``: every training task's support images are by one drawer and its
+    queries by k_query others, the same drawers for every class; elsewhere one clear line."""
+    from fastadapt.cli import train_config
+
+    root = shared_data("omniglot/images_background_small1.zip").parent
+    shared_data("omniglot/images_background_small2.zip")
+    c = train_config(["--dataset", "omniglot", "--root", str(root), "--train-split", "background_small1",
+                      "--val-split", "background_small2", "--n-way", "5", "--k-query", "3", "--task-batch", "3",
+                      "--rotations", "--drawers", "disjoint"])
+    assert c.data.drawers == "disjoint"
+    train = experiment.build_data(c, splits=("train",))["train"]
+    images = train.dataset
+    for episode in range(4):
+        picks, _ = train.fixed_indices(episode)
+        drawers = images.drawers[torch.from_numpy(picks)]          # [task, class, 1 + k_query]
+        assert torch.equal(drawers, drawers[:, :1].expand_as(drawers))  # the same drawers for every class
+        for task in drawers[:, 0]:
+            assert len(set(task.tolist())) == 4                  # the support's drawer is no query's
+    plain = experiment.build_data(experiment.resolve(dict(c.flat(), drawers=None)), splits=("train",))["train"]
+    picks, _ = plain.fixed_indices(0)
+    assert any(len(set(images.drawers[torch.from_numpy(row)][:, 0].tolist())) > 1 for row in picks)
+    with pytest.raises(Exception, match="drawers"):
+        experiment.resolve(dict(c.flat(), drawers="same"))
+    assert main(["train", "--drawers", "disjoint", "--steps", "1", "--glyph-classes", "20", "--quiet"]) == 2
+    assert "drawers='disjoint' needs the drawer of every image" in capsys.readouterr().err

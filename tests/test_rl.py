@@ -385,7 +385,10 @@ def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, mon
                                                  "metasgd"),
              ([*RL_ARGS, "--hvp-fraction", "1.5"], "--hvp-fraction must be in (0, 1], got 1.5"),
              ([*RL_ARGS, "--max-kl", "0"], "--max-kl must be a positive finite number, got 0.0"),
-             ([*RL_ARGS, "--cosine"], "--cosine has no effect on a TRPO step, whose size max_kl sets")]
+             ([*RL_ARGS, "--cosine"], "--cosine has no effect on a TRPO step, whose size max_kl sets"),
+             ([*RL_ARGS, "--dataset", "omniglot"], "--dataset is 'omniglot' and --env is 'navigation-2d': a run's "
+                                                   "tasks come from a data set or from a task family, not both"),
+             (["--preset", "omniglot-minimal-20w1s", *RL_ARGS], "--dataset is 'omniglot' and --env is")]
     for args, message in cases:
         assert main(["train", *args, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -394,6 +397,18 @@ def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, mon
     assert main(["train", "--env", "halfcheetah-vel", "--steps", "1", "--out", str(tmp_path / "y")]) == 2
     assert "needs gymnasium: pip install 'fastadapt[rl]'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_image_options_beside_env_are_warned_of_and_ignored(tmp_path, capsys):
+    from fastadapt.cli import main, train_config
+    assert main(["train", *RL_ARGS, "--steps", "1", "--n-way", "7", "--augment", "--rotations", "--drawers", "disjoint",
+                 "--norm", "tasknorm", "--query-statistics", "support", "--out", str(tmp_path / "run")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    flags = ("--augment", "--drawers", "--n-way", "--norm", "--query-statistics", "--rotations")
+    assert [line.split("warning: ")[1].split()[0] for line in warned] == list(flags)
+    assert all("means nothing for a meta-RL run" in line and "it is ignored" in line for line in warned)
+    plain, given = train_config(RL_ARGS), train_config([*RL_ARGS, "--n-way", "7", "--rotations", "--augment"])
+    assert given.to_dict() == plain.to_dict()
 
 
 def test_a_diverging_rl_run_stops_with_exit_1_and_advice(tmp_path, capsys, monkeypatch):

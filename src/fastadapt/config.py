@@ -120,6 +120,7 @@ class DataConfig:
     augment: bool = False
     augment_strokes: bool = False  # handwriting: random stroke width and smooth warps
     group_by: Optional[str] = None
+    drawers: Optional[str] = None  # "disjoint": training supports and queries by different drawers
     val_episodes: int = 100
     test_episodes: int = 600
     eval_batch: int = 25
@@ -138,6 +139,8 @@ class DataConfig:
                 _integer(key, getattr(self, key), where + key, positive=True)
         if self.group_by not in (None, "alphabet"):
             raise ConfigError("group_by", f"must be None or 'alphabet', got {self.group_by!r}", where + "group_by")
+        if self.drawers not in (None, "disjoint"):
+            raise ConfigError("drawers", f"must be None or 'disjoint', got {self.drawers!r}", where + "drawers")
         known = DATASETS[self.dataset]["options"]
         for key, value in self.options.items():
             if key not in known:

@@ -51,7 +51,9 @@ class Pretrain(MetaLearner):
     )
     ignores = {"first_order": "its training has no inner loop", "inner_steps": "its training has no inner loop",
                "task_batch": "it trains on mini-batches of images (--batch-size)",
-               "k_query": "it trains on mini-batches of images (--batch-size)"}
+               "k_query": "it trains on mini-batches of images (--batch-size)",
+               "group_by": "it trains on mini-batches of images, not tasks",
+               "drawers": "it trains on mini-batches of images, not tasks"}
     # the scale of the centroid and cosine heads' logits (Meta-Baseline learns one; about 10)
     SCALE = 10.0
     LOGISTIC_ITERATIONS = 300  # the logits then agree with L-BFGS to about 1e-6 (tests)

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import algorithms, data, experiment, models
-from ..config import FLAT_KEYS, ModelConfig, RunConfig
+from ..config import FLAT_KEYS, ConfigError, ModelConfig, RunConfig
 from ..rl.envs import families as rl_families
 
 BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
@@ -96,6 +96,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="handwriting: draw training characters as another hand might (random stroke width, "
                         "smooth local warps; docs/data.md)")
     g.add_argument("--group-by", choices=["alphabet"], help="training episodes: all classes of a task from one alphabet")
+    g.add_argument("--drawers", choices=["disjoint"],
+                   help="training episodes: each task's support images by k-shot drawers and its queries by "
+                        "k-query other drawers, the same for every class, as Lake's protocol tests (Omniglot)")
     g.add_argument("--image-size", "--imgsz", dest="image_size", type=int)
     g.add_argument("--channels", "--imgc", dest="channels", type=int)
     for cls in sources.values():
@@ -200,20 +203,25 @@ def config_from(args) -> RunConfig:
     if given.get("network") is not None:
         given["network"] = models.load_network_config(given["network"])
     preset = experiment.PRESETS.get(args.preset or given.get("env"), {})
-    config = experiment.resolve({**preset, **given})
-    if config.rl.env is not None:
+    chosen, flag_of = {**preset, **given}, getattr(args, "flags", {})
+    if chosen.get("env") is not None:
         from ..rl import experiment as rl_experiment
-        rl_experiment.check(config)
-    else:
-        _warn_ignored(given, config, getattr(args, "flags", {}))
+        if chosen.get("dataset") is not None:
+            raise ConfigError("dataset", f"is {chosen['dataset']!r} and --env is {chosen['env']!r}: a run's tasks "
+                                         "come from a data set or from a task family, not both")
+        ignored = rl_experiment.ignored_options()
+        _warn_ignored(given, (("a meta-RL run", ignored),), flag_of)
+        return rl_experiment.check(experiment.resolve({k: v for k, v in chosen.items() if k not in ignored}))
+    config = experiment.resolve(chosen)
+    _warn_ignored(given, ((config.algorithm.name, algorithms.registered()[config.algorithm.name].ignores),
+                          (config.data.dataset, data.source(config.data.dataset).ignores)), flag_of)
     return config
 
 
-def _warn_ignored(given: dict, config: RunConfig, flag_of: dict) -> None:
-    """One warning per option given on the command line that the algorithm or the data set ignores."""
+def _warn_ignored(given: dict, owners, flag_of: dict) -> None:
+    """One warning per option given on the command line that one of ``owners`` (``(name, {key:
+    why})``: the algorithm, the data set, a meta-RL run) ignores."""
     import warnings
-    owners = ((config.algorithm.name, algorithms.registered()[config.algorithm.name].ignores),
-              (config.data.dataset, data.source(config.data.dataset).ignores))
     for name, ignores in owners:
         for key in sorted(set(given) & set(ignores)):
             warnings.warn(f"{flag_of.get(key, '--' + key.replace('_', '-'))} means nothing for {name} "

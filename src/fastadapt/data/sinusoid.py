@@ -68,7 +68,7 @@ class SinusoidSource(DataSource):
     loss = "mse"
     network = "mlp"
     ignores = {**{key: "the sinusoid tasks are regression of K points" for key in
-                  ("n_way", "image_size", "channels", "augment", "augment_strokes", "group_by", "hidden")},
+                  ("n_way", "image_size", "channels", "augment", "augment_strokes", "group_by", "drawers", "hidden")},
                "query_statistics": "its network has no BatchNorm"}
 
     @classmethod

@@ -106,7 +106,8 @@ class DataSource:
     def training_tasks(cls, config, train_set):
         d = config.data
         return EpisodeSampler(train_set, d.n_way, d.k_shot, d.k_query, d.task_batch, seed=config.training.seed,
-                              augment=training_augmentation(d.augment, d.augment_strokes), group_by=d.group_by)
+                              augment=training_augmentation(d.augment, d.augment_strokes), group_by=d.group_by,
+                              drawers=d.drawers)
 
     @classmethod
     def training_batches(cls, config, train_set, batch_size: int):

@@ -4,6 +4,8 @@ task stream and the fixed validation and test tasks, in the shapes the ``Trainer
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..config import ConfigError, RunConfig
@@ -56,6 +58,22 @@ class TaskStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.start = int(state["seed"]), int(state["start"])
+
+
+def ignored_options() -> dict:
+    """The flat configuration keys a meta-RL run has no use for, each with why: everything that
+    shapes a data set's episodes or images (it keeps ``task_batch`` and ``eval_batch``), every data
+    set's own options, the image networks' settings and BatchNorm's. The command line warns of
+    each one given beside ``--env``."""
+    from ..config import DATASETS, DataConfig
+    episodes = "a meta-RL run's tasks come from --env, not from a data set"
+    out = {f.name: episodes for f in dataclasses.fields(DataConfig)
+           if f.name not in ("dataset", "task_batch", "eval_batch", "options")}
+    out.update({name: episodes for spec in DATASETS.values() for name in spec["options"]})
+    out.update({name: "the policy is an MLP (--hidden, --activation)"
+                for name in ("backbone", "widths", "drop_block", "pool", "norm", "network")})
+    out["query_statistics"] = "the policy has no BatchNorm"
+    return out
 
 
 def check(config: RunConfig) -> RunConfig:
