@@ -274,6 +274,10 @@ class Predictor:
             raise ValueError("predict: no images given")
         reference = self._support_x if self.mode == "support" else None
         count = x.shape[0]
+        if self.mode == "batch" and count == 1:
+            warnings.warn(f"{sources[0]}: one image in batch mode is normalised by its own statistics alone, which "
+                          "leaves it near chance (docs/predict.md); classify one image with the support set's "
+                          "statistics (query_statistics='support', the default)", stacklevel=2)
         if self.views > 1:
             x = self._with_views(x).flatten(0, 1)
         with torch.no_grad():
