@@ -264,6 +264,8 @@ def test_cli_eval_of_several_runs_is_an_ensemble_and_refuses_runs_that_cannot_sh
     assert "one checkpoint more than once" in capsys.readouterr().err
     assert main(["eval", str(runs["a"]), str(runs["b"]), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
     assert "--head: none of the runs has heads" in capsys.readouterr().err
+    assert main(["eval", str(runs["a"]), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
+    assert f"--head: {runs['a']} is a protonet run, which has no heads (pretrain runs have)" in capsys.readouterr().err
     pre = tmp_path / "pre"
     assert main(["train", *TINY_ARGS, "--algo", "pretrain", "--batch-size", "16", "--steps", "2", "--out", str(pre)]) == 0
     capsys.readouterr()

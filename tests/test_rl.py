@@ -346,6 +346,21 @@ def test_an_rl_run_trains_evaluates_and_plots_from_the_command_line(straight_rl,
     assert {"learning_curves.png", "inner_steps.png", "trajectories.png"} <= {p.name for p in run.iterdir()}
 
 
+def test_what_only_an_image_run_has_is_refused_on_an_rl_run_in_one_line(straight_rl, capsys):
+    from fastadapt.cli import main
+    run, kind = straight_rl, "is a meta-RL run (navigation-2d)"
+    cases = [(["--protocol", "lake"], f"--protocol lake: {straight_rl / 'best.pt'} {kind}; protocols are image data sets'"),
+             (["--tta", "4"], f"--tta: needs a classification run (class probabilities); {run / 'best.pt'} {kind}"),
+             ([str(run)], f"an ensemble: needs a classification run (class probabilities); {run / 'best.pt'} {kind}"),
+             (["--head", "centroid"], f"--head: {run} is a maml run, which has no heads (pretrain runs have)"),
+             (["--dataset", "omniglot"], f"--dataset: {run} {kind}, whose test tasks come from its task family"),
+             (["--split", "background_small2"], f"--split: {run} {kind}")]
+    for extra, message in cases:
+        assert main(["eval", str(run), *extra, "--episodes", "2", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+
+
 def test_an_rl_run_stopped_by_a_signal_resumes_to_the_same_result(straight_rl, tmp_path, monkeypatch, capsys):
     import json
     import os

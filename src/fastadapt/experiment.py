@@ -155,6 +155,8 @@ def heads_for(checkpoints, head: str) -> list:
     takes = [any(o.name == "head" for o in algorithms.registry.accepted_options(algorithms.registered()[n]))
              for n in names]
     if not any(takes):
+        if len(names) == 1:
+            raise ValueError(f"--head: {checkpoints[0]} is a {names[0]} run, which has no heads (pretrain runs have)")
         raise ValueError(f"--head: none of the runs has heads (they are {', '.join(sorted(set(names)))} runs)")
     return [head if t else None for t in takes]
 

@@ -52,6 +52,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
     first, *others = args.checkpoint
+    env = experiment.load_run(first, build=False).config.rl.env
+    data_flags = {"dataset": "--dataset", "root": "--root", "test_split": "--split", "test_alphabets": "--alphabets"}
+    for key, flag in data_flags.items():
+        if env is not None and changes[key] is not None:
+            raise ValueError(f"{flag}: {first} is a meta-RL run ({env}), whose test tasks come from its task "
+                             "family, not from a data set")
     run_changes = _changes_per_run(args.checkpoint, changes)
     loaded = experiment.load_run(first, changes=run_changes[first], device=args.device or "usable",
                                  bn_statistics=args.bn_statistics, builder=common.build_learner)
@@ -64,6 +70,9 @@ def run(args) -> int:
         warnings.warn(f"--inner-steps-test means nothing for this {config.algorithm.name} run (its adaptation has no "
                       "steps); it is ignored", stacklevel=2)
     if args.protocol:
+        if config.rl.env is not None:
+            raise ValueError(f"--protocol {args.protocol}: {loaded.path} is {_kind(config)}; protocols are image data "
+                             "sets' (without --protocol, eval scores its own test tasks)")
         tasks, lines = experiment.protocol_tasks(config, args.protocol, args.split, args.test_alphabets,
                                                  config.data.test_episodes)
         try:
@@ -75,7 +84,7 @@ def run(args) -> int:
         tasks = common.build_tasks(config, splits=("test",))["test"]
     if (args.tta > 1 or others) and not getattr(learner, "classification", False):
         raise ValueError(f"{'--tta' if args.tta > 1 else 'an ensemble'}: needs a classification run (class "
-                         f"probabilities); {loaded.path} is {config.data.dataset} regression")
+                         f"probabilities); {loaded.path} is {_kind(config)}")
     view_augment = None
     if args.tta > 1:
         view_augment = view_augmentation(config.data.augment, config.data.augment_strokes)
@@ -99,10 +108,15 @@ def run(args) -> int:
     return 0
 
 
+def _kind(config) -> str:
+    """What a run that is not a classifier is, in words."""
+    return f"a meta-RL run ({config.rl.env})" if config.rl.env is not None else f"{config.data.dataset} regression"
+
+
 def _changes_per_run(paths, changes) -> dict:
-    """Each run's changes: the same for all, except that in an ensemble ``--head`` goes to the runs
-    that have heads."""
-    if len(paths) == 1 or not changes.get("head"):
+    """Each run's changes: the same for all, except that ``--head`` goes to the runs that have
+    heads (an error when none has)."""
+    if not changes.get("head"):
         return {path: changes for path in paths}
     heads = experiment.heads_for(paths, changes["head"])
     return {path: {**changes, "head": head} for path, head in zip(paths, heads)}
@@ -115,8 +129,8 @@ def ensemble_member(path, task, first, changes, args) -> Member:
                                  bn_statistics=args.bn_statistics, builder=common.build_learner)
     config, learner = loaded.config, loaded.learner
     if not getattr(learner, "classification", False):
-        raise ValueError(f"an ensemble: {loaded.path} is {config.data.dataset} regression; only classification "
-                         "runs' probabilities can be averaged")
+        raise ValueError(f"an ensemble: {loaded.path} is {_kind(config)}; only classification runs' "
+                         "probabilities can be averaged")
     shape, expected = (config.data.channels, config.data.image_size), (first.config.data.channels,
                                                                           first.config.data.image_size)
     if shape != expected:
