@@ -112,21 +112,21 @@ def test_returns_gae_and_the_linear_baseline_against_references():
         assert abs(float(valid.mean())) < 1e-9 and abs(float(valid.std(unbiased=False)) - 1) < 1e-6
 
 
-def _fixed_setting(steps, first_order, tasks=3):
+def _fixed_setting(steps, first_order, tasks=3, inner_estimator="reinforce"):
     """A float64 MAML-TRPO on navigation with fixed recorded trajectories."""
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, hidden=(6, 6), activation="tanh", init_std=0.5).double()
     learner = MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.3, inner_steps=steps, first_order=first_order,
-                       trajectories=4, horizon=7, seed=3)
+                       trajectories=4, horizon=7, seed=3, inner_estimator=inner_estimator)
     goals = family("navigation-2d").sample_tasks(tasks, torch.Generator().manual_seed(1))
     support, query, advantages, old_out, old_log_prob, _ = learner.prepare(goals)
     return learner, policy, support, query, advantages, old_out, old_log_prob
 
 
-def _loop_surrogate(policy, support, query, advantages, old_log_prob, lr, first_order):
+def _loop_surrogate(policy, support, query, advantages, old_log_prob, lr, first_order, loss_fn=None):
     """An independent per-task loop: autograd.grad inner steps, then the importance-weighted surrogate."""
     params = dict(policy.named_parameters())
-    loss_fn = PolicyGradientLoss(policy)
+    loss_fn = loss_fn or PolicyGradientLoss(policy)
     total = 0
     for t in range(query.mask.shape[0]):
         fast = dict(params)
@@ -154,6 +154,57 @@ def test_meta_gradient_equals_a_per_task_loop_in_float64(steps, first_order):
     if not first_order:  # and the first-order gradient is a different one
         first = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, True)
         assert any(not torch.allclose(a, b) for a, b in zip(grads, torch.autograd.grad(first, list(policy.parameters()))))
+
+
+def _lvc_loss(policy):
+    """ProMP's LVC inner loss written out: the likelihood ratio to the sampling policy (a constant
+    that equals it), times the advantage, weighted."""
+    def loss(out, target):
+        log_prob = policy.log_prob(out, target[..., :2])
+        ratio = torch.exp(log_prob) / torch.exp(log_prob).detach()
+        return -(ratio * target[..., 2] * target[..., 3]).sum() / target[..., 3].sum()
+    return loss
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_lvc_inner_estimator_keeps_the_inner_step_and_adds_the_sampling_curvature(steps):
+    learner, policy, support, query, advantages, old_out, old_log_prob = _fixed_setting(steps, False,
+                                                                                       inner_estimator="lvc")
+    loss, grads = learner.meta_gradient(support, query, advantages, old_out, old_log_prob)
+    reference = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, False, _lvc_loss(policy))
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-10, atol=1e-12)
+    for ours, theirs in zip(grads, torch.autograd.grad(reference, list(policy.parameters()))):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+    plain = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, False)
+    torch.testing.assert_close(plain.detach(), loss, rtol=1e-10, atol=1e-12)  # the same inner steps, the same loss
+    assert any(not torch.allclose(a, b) for a, b in zip(grads, torch.autograd.grad(plain, list(policy.parameters()))))
+    first = _fixed_setting(steps, True, inner_estimator="lvc")
+    first_plain = _fixed_setting(steps, True)
+    for a, b in zip(first[0].meta_gradient(*first[2:])[1], first_plain[0].meta_gradient(*first_plain[2:])[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # first order, the estimators are one
+
+    # the Hessian of the LVC loss is REINFORCE's plus sum_r c_r g_r g_r^T, g_r the per-step score
+    obs, target = support[0][0][0], support[0][1][0]
+    params = dict(policy.named_parameters())
+    names, values = list(params), list(params.values())
+    vector = [torch.randn_like(v) for v in values]
+
+    def hvp(loss_fn):
+        grads = torch.autograd.grad(loss_fn(functional_call(policy, params, (obs,)), target), values, create_graph=True)
+        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vector)), values)
+
+    lvc, reinforce = hvp(PolicyGradientLoss(policy, "lvc")), hvp(PolicyGradientLoss(policy))
+    weight = target[:, 2] * target[:, 3] / target[:, 3].sum()
+    correction = [torch.zeros_like(v) for v in values]
+    for row in range(obs.shape[0]):
+        score = torch.autograd.grad(policy.log_prob(functional_call(policy, params, (obs[row:row + 1],)),
+                                                    target[row:row + 1, :2]).sum(), values)
+        along = sum((s * v).sum() for s, v in zip(score, vector))
+        correction = [c - weight[row] * along * s for c, s in zip(correction, score)]
+    for name, a, b, c in zip(names, lvc, reinforce, correction):
+        torch.testing.assert_close(a, b + c, rtol=1e-9, atol=1e-11, msg=name)
+    with pytest.raises(ValueError, match="estimator must be one of reinforce, lvc"):
+        PolicyGradientLoss(policy, "dice")
 
 
 def test_hessian_vector_product_equals_finite_differences_and_the_exact_one():
@@ -403,7 +454,8 @@ def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, mon
              ([*RL_ARGS, "--cosine"], "--cosine has no effect on a TRPO step, whose size max_kl sets"),
              ([*RL_ARGS, "--dataset", "omniglot"], "--dataset is 'omniglot' and --env is 'navigation-2d': a run's "
                                                    "tasks come from a data set or from a task family, not both"),
-             (["--preset", "omniglot-minimal-20w1s", *RL_ARGS], "--dataset is 'omniglot' and --env is")]
+             (["--preset", "omniglot-minimal-20w1s", *RL_ARGS], "--dataset is 'omniglot' and --env is"),
+             ([*RL_ARGS, "--inner-estimator", "dice"], "argument --inner-estimator: invalid choice: 'dice'")]
     for args, message in cases:
         assert main(["train", *args, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -424,6 +476,9 @@ def test_image_options_beside_env_are_warned_of_and_ignored(tmp_path, capsys):
     assert all("means nothing for a meta-RL run" in line and "it is ignored" in line for line in warned)
     plain, given = train_config(RL_ARGS), train_config([*RL_ARGS, "--n-way", "7", "--rotations", "--augment"])
     assert given.to_dict() == plain.to_dict()
+    from fastadapt.rl.experiment import build_learner
+    lvc = train_config([*RL_ARGS, "--inner-estimator", "lvc"])
+    assert plain.rl.inner_estimator == "reinforce" and build_learner(lvc).learner.loss_fn.estimator == "lvc"
 
 
 def test_a_diverging_rl_run_stops_with_exit_1_and_advice(tmp_path, capsys, monkeypatch):

@@ -294,7 +294,8 @@ class RLConfig:
     ``trajectories`` per task and ``horizon`` per trajectory (None: the family's), the policy's
     ``activation`` (its two hidden layers are ``ModelConfig.hidden`` wide), returns (``gamma``,
     ``gae_lambda``), the outer step (``outer``: trpo or ppo; TRPO's ``max_kl``, ``cg_iters``,
-    ``cg_damping``, ``ls_steps``, ``ls_ratio``, ``hvp_fraction``), gymnasium ``workers``, and the
+    ``cg_damping``, ``ls_steps``, ``ls_ratio``, ``hvp_fraction``), the inner loss's ``inner_estimator``
+    (``reinforce`` or ProMP's ``lvc``), gymnasium ``workers``, and the
     fixed validation and test tasks. The meta-batch is ``DataConfig.task_batch`` tasks; the
     inner loop is ``AlgorithmConfig``'s (``maml`` or ``metasgd``)."""
 
@@ -311,6 +312,7 @@ class RLConfig:
     ls_steps: int = 15
     ls_ratio: float = 0.8
     hvp_fraction: float = 1.0
+    inner_estimator: str = "reinforce"
     workers: int = 1
     val_tasks: int = 20
     test_tasks: int = 40
@@ -332,6 +334,9 @@ class RLConfig:
             raise ConfigError("activation", f"must be relu or tanh, got {self.activation!r}", where + "activation")
         if self.outer not in ("trpo", "ppo"):
             raise ConfigError("outer", f"must be trpo or ppo, got {self.outer!r}", where + "outer")
+        if self.inner_estimator not in ("reinforce", "lvc"):
+            raise ConfigError("inner_estimator", f"must be reinforce or lvc, got {self.inner_estimator!r}",
+                              where + "inner_estimator")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "algorithm": AlgorithmConfig, "training": TrainingConfig,

@@ -174,6 +174,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ls-ratio", type=float, help="TRPO: line-search backtracking ratio")
     g.add_argument("--hvp-fraction", type=float,
                    help="TRPO: share of each task's trajectories the KL's curvature is taken on (1: all)")
+    g.add_argument("--inner-estimator", choices=["reinforce", "lvc"],
+                   help="the inner policy-gradient loss: reinforce (the MAML paper's) or lvc (ProMP's low-variance "
+                        "curvature: the same inner steps, a meta-gradient that credits the pre-update sampling)")
     g.add_argument("--workers", type=int, help="gymnasium environments: subprocesses (1: in this process)")
     g.add_argument("--val-tasks", type=int, help="fixed validation tasks")
     g.add_argument("--test-tasks", type=int, help="fixed test tasks evaluated at the end")

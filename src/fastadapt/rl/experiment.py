@@ -116,7 +116,7 @@ def build_learner(config: RunConfig) -> MAMLTRPO:
                        rule=a.name, trajectories=r.trajectories, horizon=r.horizon, gamma=r.gamma,
                        gae_lambda=r.gae_lambda, outer=r.outer, max_kl=r.max_kl, cg_iters=r.cg_iters,
                        cg_damping=r.cg_damping, ls_steps=r.ls_steps, ls_ratio=r.ls_ratio, hvp_fraction=r.hvp_fraction,
-                       seed=config.training.seed)
+                       seed=config.training.seed, inner_estimator=r.inner_estimator)
     dtype = {"float32": torch.float32, "float64": torch.float64}[config.model.dtype]
     return learner.to(dtype=dtype)
 

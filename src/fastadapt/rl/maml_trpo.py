@@ -77,7 +77,8 @@ class MAMLTRPO(nn.Module):
 
     ``inner_lr``/``inner_steps``: the adaptation (the paper: one step at 0.1); ``rule``: ``"maml"``
     or ``"metasgd"``; ``trajectories`` per task and ``horizon`` per trajectory, for the support and
-    the query sets alike; ``gamma``/``gae_lambda``: returns and GAE with the linear feature baseline
+    the query sets alike; ``inner_estimator``: the inner loss, ``"reinforce"`` (the paper's) or ProMP's
+    ``"lvc"`` (``PolicyGradientLoss``: the same inner steps, a different meta-gradient); ``gamma``/``gae_lambda``: returns and GAE with the linear feature baseline
     refitted per task, advantages normalised per task; ``task_chunk``: tasks per chunk of the outer
     step ("auto": by time steps, see ``_parts``; None: all at once; results do not depend on it); TRPO: ``max_kl``, ``cg_iters``, ``cg_damping``,
     ``ls_steps``, ``ls_ratio``; PPO: ``ppo_clip``, ``ppo_epochs`` with the optimiser
@@ -92,7 +93,7 @@ class MAMLTRPO(nn.Module):
                  gamma: float = 0.99, gae_lambda: float = 1.0, outer: str = "trpo", max_kl: float = 0.01,
                  cg_iters: int = 10, cg_damping: float = 1e-5, ls_steps: int = 15, ls_ratio: float = 0.8,
                  hvp_fraction: float = 1.0, ppo_clip: float = 0.2, ppo_epochs: int = 5, seed: int = 0,
-                 task_chunk="auto"):
+                 task_chunk="auto", inner_estimator: str = "reinforce"):
         super().__init__()
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -112,14 +113,14 @@ class MAMLTRPO(nn.Module):
                              "cannot serve (Gaussian policies: continuous; categorical: discrete)")
         self.policy, self.family = policy, family
         self.learner = RULES[rule](policy, inner_lr, inner_steps, first_order=first_order,
-                                   loss=PolicyGradientLoss(policy), classification=False, task_chunk=None)
+                                   loss=PolicyGradientLoss(policy, inner_estimator), classification=False, task_chunk=None)
         self.rule, self.inner_lr, self.inner_steps, self.first_order = rule, float(inner_lr), inner_steps, first_order
         self.trajectories, self.horizon = int(trajectories), int(horizon or family.horizon)
         self.gamma, self.gae_lambda, self.outer = float(gamma), float(gae_lambda), outer
         self.max_kl, self.cg_iters, self.cg_damping = float(max_kl), int(cg_iters), float(cg_damping)
         self.ls_steps, self.ls_ratio, self.hvp_fraction = int(ls_steps), float(ls_ratio), float(hvp_fraction)
         self.ppo_clip, self.ppo_epochs, self.seed = float(ppo_clip), int(ppo_epochs), int(seed)
-        self.task_chunk = task_chunk
+        self.task_chunk, self.inner_estimator = task_chunk, inner_estimator
         self.iteration = 0
 
     # ------------------------------------------------------------------ the Trainer's interface

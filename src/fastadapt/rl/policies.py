@@ -166,17 +166,32 @@ class CategoricalMLPPolicy(nn.Module):
 class PolicyGradientLoss:
     """The inner loop's loss for a policy: ``loss(policy_output, target)`` with ``target``
     ``[M, action_dim + 2]`` packing each step's action, advantage and weight (1 for a step of a
-    trajectory, 0 for padding after it ended). It is minus the weighted mean of
-    ``log pi(a | s) * advantage`` (REINFORCE with a baseline), a loss of the model's output and a
-    target like any other, so every inner-loop rule of the MAML family applies to it."""
+    trajectory, 0 for padding after it ended), a loss of the model's output and a target like any
+    other, so every inner-loop rule of the MAML family applies to it.
+
+    ``estimator="reinforce"``: minus the weighted mean of ``log pi(a | s) * advantage`` (REINFORCE
+    with a baseline, as the MAML paper adapts). ``"lvc"``: the low-variance curvature estimator of
+    ProMP (Rothfuss et al., ICLR 2019): ``pi(a | s) / pi_sampled(a | s)`` in place of the log,
+    the denominator a constant equal to the numerator where the data was sampled. Its gradient is
+    REINFORCE's, so an inner step is the same; its Hessian adds ``sum c grad log pi grad log pi^T``
+    (``c`` each step's weighted advantage), the part of the return's curvature that comes from the
+    data's dependence on the policy that sampled it, which REINFORCE's Hessian leaves out. Second
+    order, the meta-gradient through the adaptation then credits the pre-update sampling
+    distribution, with the low variance of a score-function term per step rather than per
+    trajectory."""
 
     __name__ = "policy_gradient"
+    ESTIMATORS = ("reinforce", "lvc")
 
-    def __init__(self, policy):
-        self.policy = policy
+    def __init__(self, policy, estimator: str = "reinforce"):
+        if estimator not in self.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(self.ESTIMATORS)}, got {estimator!r}")
+        self.policy, self.estimator = policy, estimator
 
     def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = self.policy.action_dim
         actions, advantages, weights = target[..., :a], target[..., a], target[..., a + 1]
         log_probs = self.policy.log_prob(out, actions)
+        if self.estimator == "lvc":
+            log_probs = torch.exp(log_probs - log_probs.detach())
         return -(log_probs * advantages * weights).sum() / weights.sum().clamp_min(1.0)
