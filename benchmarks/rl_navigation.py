@@ -14,6 +14,7 @@ line search up to 15 steps x 0.8. One torch thread.
   tasks before adapting and after 1-3 steps (0.1, then 0.05), with 95% intervals.
 
     python benchmarks/rl_navigation.py [--reps 3] [--hvp-fractions 1,0.2] [--train 100] [--cheetah]
+    python benchmarks/rl_navigation.py --skip-timing --train 100 --hvp-fractions 0.2 --inner-estimators reinforce,lvc
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from fastadapt.evaluate import confidence_interval
 from fastadapt.rl import MAMLTRPO, GaussianMLPPolicy, family
 
 
-def build(hvp_fraction: float, seed: int = 0) -> MAMLTRPO:
+def build(hvp_fraction: float, seed: int = 0, inner_estimator: str = "reinforce") -> MAMLTRPO:
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(2, 2, hidden=(64, 64), activation="tanh")
     return MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.1, inner_steps=1, trajectories=20, horizon=100,
                     gamma=0.99, gae_lambda=1.0, max_kl=0.01, cg_iters=10, cg_damping=1e-5, ls_steps=15, ls_ratio=0.8,
-                    hvp_fraction=hvp_fraction, seed=seed)
+                    hvp_fraction=hvp_fraction, seed=seed, inner_estimator=inner_estimator)
 
 
 def env_speed(make, steps: int, actions) -> float:
@@ -88,9 +89,9 @@ def iteration_table(fractions, reps: int) -> None:
         print(f"{label:32s} {statistics.median(values):18.2f}")
 
 
-def train_and_test(iterations: int, fraction: float) -> None:
+def train_and_test(iterations: int, fraction: float, inner_estimator: str = "reinforce") -> None:
     nav = family("navigation-2d")
-    learner = build(fraction)
+    learner = build(fraction, inner_estimator=inner_estimator)
     optimizer, stream = learner.make_optimizer(1e-3), torch.Generator().manual_seed(0)
     test = nav.sample_tasks(40, torch.Generator().manual_seed(12345))
     start = time.perf_counter()
@@ -100,7 +101,8 @@ def train_and_test(iterations: int, fraction: float) -> None:
     seconds = time.perf_counter() - start
     returns = learner.fine_tune(test, inner_steps=3).returns.double()
     mean, ci = returns.mean(0), confidence_interval(returns)
-    print(f"{iterations} meta-iterations (Hessian-vector products on {fraction:.0%}) in {seconds:.0f} s; "
+    print(f"{iterations} meta-iterations ({inner_estimator} inner loss, Hessian-vector products on {fraction:.0%}) "
+          f"in {seconds:.0f} s; "
           "40 test tasks, mean return and 95% CI:")
     for step in range(returns.shape[1]):
         what = "before adapting" if step == 0 else f"after {step} step{'s' if step > 1 else ''}"
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=0, metavar="N")
     parser.add_argument("--cheetah", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--inner-estimators", default="reinforce",
+                        help="with --train: comma-separated inner losses to train with (reinforce, lvc)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     fractions = [float(f) for f in args.hvp_fractions.split(",")]
@@ -122,8 +126,9 @@ def main() -> None:
         environment_table(args.cheetah)
         iteration_table(fractions, args.reps)
     if args.train:
-        for f in fractions:
-            train_and_test(args.train, f)
+        for estimator in args.inner_estimators.split(","):
+            for f in fractions:
+                train_and_test(args.train, f, estimator)
 
 
 if __name__ == "__main__":
