@@ -25,6 +25,7 @@ mode is then left out).
 from __future__ import annotations
 
 import argparse
+import warnings
 import zipfile
 from collections import defaultdict
 
@@ -102,7 +103,9 @@ def main() -> None:
         for mode, predictor in predictors.items():
             predictor.adapt(support)
             together = predictor.predict(queries)
-            alone = [predictor.predict([q]) for q in queries]
+            with warnings.catch_warnings():  # batch mode alone is measured on purpose; predict warns of it
+                warnings.simplefilter("ignore")
+                alone = [predictor.predict([q]) for q in queries]
             alone_labels = torch.cat([p.labels for p in alone])
             alone_probabilities = torch.cat([p.probabilities for p in alone])
             correct[(mode, "together")].append((together.labels == truth).float().mean())
