@@ -417,7 +417,7 @@ def test_cli_pretrain_then_protonet_from_it_then_eval_with_each_head(tmp_path, c
     assert main(["eval", str(proto), "--tta", "0", "--episodes", "4", "--quiet"]) == 2
     assert "--tta must be a positive integer" in capsys.readouterr().err
     assert main(["eval", str(proto), "--head", "logistic", "--episodes", "4", "--quiet"]) == 2
-    assert "--head is neither a field" in capsys.readouterr().err
+    assert f"--head: {proto} is a protonet run, which has no heads (pretrain runs have)" in capsys.readouterr().err
     assert "model.features.0.weight" in state
 
 
