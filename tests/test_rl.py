@@ -454,7 +454,8 @@ def test_rl_command_line_bad_input_is_one_line_with_exit_2(tmp_path, capsys, mon
              ([*RL_ARGS, "--cosine"], "--cosine has no effect on a TRPO step, whose size max_kl sets"),
              ([*RL_ARGS, "--dataset", "omniglot"], "--dataset is 'omniglot' and --env is 'navigation-2d': a run's "
                                                    "tasks come from a data set or from a task family, not both"),
-             (["--preset", "omniglot-minimal-20w1s", *RL_ARGS], "--dataset is 'omniglot' and --env is"),
+             (["--preset", "omniglot-minimal-20w1s", *RL_ARGS],
+              "--dataset is 'omniglot' (from --preset omniglot-minimal-20w1s) and --env is 'navigation-2d'"),
              ([*RL_ARGS, "--inner-estimator", "dice"], "argument --inner-estimator: invalid choice: 'dice'")]
     for args, message in cases:
         assert main(["train", *args, "--out", str(tmp_path / "x")]) == 2

@@ -317,6 +317,8 @@ class RLConfig:
     val_tasks: int = 20
     test_tasks: int = 40
 
+    INNER_ESTIMATORS = ("reinforce", "lvc")
+
     def check(self) -> None:
         where = "RLConfig."
         for key in ("trajectories", "cg_iters", "ls_steps", "workers", "val_tasks", "test_tasks"):
@@ -334,8 +336,9 @@ class RLConfig:
             raise ConfigError("activation", f"must be relu or tanh, got {self.activation!r}", where + "activation")
         if self.outer not in ("trpo", "ppo"):
             raise ConfigError("outer", f"must be trpo or ppo, got {self.outer!r}", where + "outer")
-        if self.inner_estimator not in ("reinforce", "lvc"):
-            raise ConfigError("inner_estimator", f"must be reinforce or lvc, got {self.inner_estimator!r}",
+        if self.inner_estimator not in self.INNER_ESTIMATORS:
+            raise ConfigError("inner_estimator", f"must be one of {', '.join(self.INNER_ESTIMATORS)}, got "
+                                                 f"{self.inner_estimator!r}",
                               where + "inner_estimator")
 
 

@@ -121,6 +121,9 @@ def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=
     state = load_checkpoint(path)
     stored = stored_config(state["config"])
     changes = dict(changes or {})
+    if changes.get("head") and not _has_heads(stored.algorithm.name):
+        raise ValueError(f"--head: {checkpoint} is a {stored.algorithm.name} run, which has no heads (pretrain runs "
+                         "have)")
     if device is not None:
         changes["device"] = usable_device(stored.training.device) if device == "usable" else str(device)
     config = resolve(with_bn_statistics(stored.updated(changes), bn_statistics))
@@ -147,16 +150,18 @@ def load_run(checkpoint, changes=None, device=None, bn_statistics=None, learner=
     return Run(path, state, config, learner.to(config.training.device))
 
 
+def _has_heads(algorithm: str) -> bool:
+    """Whether ``algorithm`` has a ``head`` option (the pretrained baseline's heads)."""
+    return any(o.name == "head" for o in algorithms.registry.accepted_options(algorithms.registered()[algorithm]))
+
+
 def heads_for(checkpoints, head: str) -> list:
     """One ``head`` for several runs (an ensemble): ``head`` for each run whose algorithm has an
     option of that name (the pretrained baseline's heads), None for the others; an error when
     none of them has one."""
     names = [load_run(c, build=False).config.algorithm.name for c in checkpoints]
-    takes = [any(o.name == "head" for o in algorithms.registry.accepted_options(algorithms.registered()[n]))
-             for n in names]
+    takes = [_has_heads(name) for name in names]
     if not any(takes):
-        if len(names) == 1:
-            raise ValueError(f"--head: {checkpoints[0]} is a {names[0]} run, which has no heads (pretrain runs have)")
         raise ValueError(f"--head: none of the runs has heads (they are {', '.join(sorted(set(names)))} runs)")
     return [head if t else None for t in takes]
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import algorithms, data, experiment, models
-from ..config import FLAT_KEYS, ConfigError, ModelConfig, RunConfig
+from ..config import FLAT_KEYS, ConfigError, ModelConfig, RLConfig, RunConfig
 from ..rl.envs import families as rl_families
 
 BN_STATISTICS_HELP = ("batch: normalise with each batch's statistics (transductive, default); running: with "
@@ -174,7 +174,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ls-ratio", type=float, help="TRPO: line-search backtracking ratio")
     g.add_argument("--hvp-fraction", type=float,
                    help="TRPO: share of each task's trajectories the KL's curvature is taken on (1: all)")
-    g.add_argument("--inner-estimator", choices=["reinforce", "lvc"],
+    g.add_argument("--inner-estimator", choices=RLConfig.INNER_ESTIMATORS,
                    help="the inner policy-gradient loss: reinforce (the MAML paper's) or lvc (ProMP's low-variance "
                         "curvature: the same inner steps, a meta-gradient that credits the pre-update sampling)")
     g.add_argument("--workers", type=int, help="gymnasium environments: subprocesses (1: in this process)")
@@ -210,8 +210,9 @@ def config_from(args) -> RunConfig:
     if chosen.get("env") is not None:
         from ..rl import experiment as rl_experiment
         if chosen.get("dataset") is not None:
-            raise ConfigError("dataset", f"is {chosen['dataset']!r} and --env is {chosen['env']!r}: a run's tasks "
-                                         "come from a data set or from a task family, not both")
+            source = "" if "dataset" in given else f" (from --preset {args.preset})"
+            raise ConfigError("dataset", f"is {chosen['dataset']!r}{source} and --env is {chosen['env']!r}: a run's "
+                                         "tasks come from a data set or from a task family, not both")
         ignored = rl_experiment.ignored_options()
         _warn_ignored(given, (("a meta-RL run", ignored),), flag_of)
         return rl_experiment.check(experiment.resolve({k: v for k, v in chosen.items() if k not in ignored}))

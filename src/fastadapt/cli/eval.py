@@ -52,11 +52,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     # a run trained on a GPU is evaluated on the CPU where there is none, unless --device says otherwise
     first, *others = args.checkpoint
-    env = experiment.load_run(first, build=False).config.rl.env
     data_flags = {"dataset": "--dataset", "root": "--root", "test_split": "--split", "test_alphabets": "--alphabets"}
-    for key, flag in data_flags.items():
-        if env is not None and changes[key] is not None:
-            raise ValueError(f"{flag}: {first} is a meta-RL run ({env}), whose test tasks come from its task "
+    given = [flag for key, flag in data_flags.items() if changes[key] is not None]
+    if given:  # a meta-RL run has no data set to change
+        env = experiment.load_run(first, build=False).config.rl.env
+        if env is not None:
+            raise ValueError(f"{given[0]}: {first} is a meta-RL run ({env}), whose test tasks come from its task "
                              "family, not from a data set")
     run_changes = _changes_per_run(args.checkpoint, changes)
     loaded = experiment.load_run(first, changes=run_changes[first], device=args.device or "usable",
@@ -114,9 +115,9 @@ def _kind(config) -> str:
 
 
 def _changes_per_run(paths, changes) -> dict:
-    """Each run's changes: the same for all, except that ``--head`` goes to the runs that have
-    heads (an error when none has)."""
-    if not changes.get("head"):
+    """Each run's changes: the same for all, except that in an ensemble ``--head`` goes to the runs
+    that have heads."""
+    if len(paths) == 1 or not changes.get("head"):
         return {path: changes for path in paths}
     heads = experiment.heads_for(paths, changes["head"])
     return {path: {**changes, "head": head} for path, head in zip(paths, heads)}

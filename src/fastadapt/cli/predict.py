@@ -8,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from .. import experiment
 from . import common
 
 
@@ -56,8 +55,6 @@ def run(args) -> int:
     options = dict(device=args.device or "cpu", inner_steps=args.inner_steps_test, bn_statistics=args.bn_statistics,
                    invert=args.invert, query_statistics=args.query_statistics, views=args.tta)
     if len(args.checkpoint) == 1:
-        if args.head:
-            experiment.heads_for(args.checkpoint, args.head)  # a clear error for a run without heads
         predictor = Predictor.load(args.checkpoint[0], head=args.head, **options)
         members = [predictor]
     else:

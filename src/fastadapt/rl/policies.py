@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..config import RLConfig
+
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
@@ -171,8 +173,8 @@ class PolicyGradientLoss:
 
     ``estimator="reinforce"``: minus the weighted mean of ``log pi(a | s) * advantage`` (REINFORCE
     with a baseline, as the MAML paper adapts). ``"lvc"``: the low-variance curvature estimator of
-    ProMP (Rothfuss et al., ICLR 2019): ``pi(a | s) / pi_sampled(a | s)`` in place of the log,
-    the denominator a constant equal to the numerator where the data was sampled. Its gradient is
+    ProMP (Rothfuss et al., ICLR 2019): ``pi(a | s) / stop_gradient(pi(a | s))`` in place of the
+    log, a ratio whose value is 1 and whose gradient is the log's. Its gradient is
     REINFORCE's, so an inner step is the same; its Hessian adds ``sum c grad log pi grad log pi^T``
     (``c`` each step's weighted advantage), the part of the return's curvature that comes from the
     data's dependence on the policy that sampled it, which REINFORCE's Hessian leaves out. Second
@@ -181,7 +183,7 @@ class PolicyGradientLoss:
     trajectory."""
 
     __name__ = "policy_gradient"
-    ESTIMATORS = ("reinforce", "lvc")
+    ESTIMATORS = RLConfig.INNER_ESTIMATORS
 
     def __init__(self, policy, estimator: str = "reinforce"):
         if estimator not in self.ESTIMATORS:
@@ -192,6 +194,5 @@ class PolicyGradientLoss:
         a = self.policy.action_dim
         actions, advantages, weights = target[..., :a], target[..., a], target[..., a + 1]
         log_probs = self.policy.log_prob(out, actions)
-        if self.estimator == "lvc":
-            log_probs = torch.exp(log_probs - log_probs.detach())
-        return -(log_probs * advantages * weights).sum() / weights.sum().clamp_min(1.0)
+        scores = torch.exp(log_probs - log_probs.detach()) if self.estimator == "lvc" else log_probs
+        return -(scores * advantages * weights).sum() / weights.sum().clamp_min(1.0)
