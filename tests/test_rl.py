@@ -151,6 +151,13 @@ def test_meta_gradient_equals_a_per_task_loop_in_float64(steps, first_order):
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-10, atol=1e-12)
     for ours, theirs in zip(grads, torch.autograd.grad(reference, list(policy.parameters()))):
         torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+    # train_step's path: the old policy's outputs taken from the surrogate's own forward pass
+    same_loss, same_grads, outputs, log_probs = learner._meta_gradient(support, query, advantages)
+    torch.testing.assert_close(same_loss, loss, rtol=1e-12, atol=1e-14)
+    for ours, theirs in zip(same_grads, grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(outputs, old_out, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(log_probs, old_log_prob, rtol=1e-12, atol=1e-14)
     if not first_order:  # and the first-order gradient is a different one
         first = _loop_surrogate(policy, support, query, advantages, old_log_prob, 0.3, True)
         assert any(not torch.allclose(a, b) for a, b in zip(grads, torch.autograd.grad(first, list(policy.parameters()))))
@@ -239,6 +246,31 @@ def test_hessian_vector_product_equals_finite_differences_and_the_exact_one():
     x, ax = conjugate_gradient(hvp, v, iterations=3, return_product=True)
     torch.testing.assert_close(ax, hvp(x), rtol=1e-6, atol=1e-9)
     assert (ax - v).norm() > 1e-3 * v.norm()
+
+
+@pytest.mark.parametrize("steps,first_order,task_chunk", [(1, False, 2), (2, False, 2), (2, True, None), (1, False, "auto")])
+def test_train_step_adapts_once_and_takes_the_step_prepare_and_trpo_take(steps, first_order, task_chunk):
+    """train_step records the adaptation with its graph while sampling, chunk by chunk, and takes
+    the old policy's outputs from the surrogate's pass; the step must be the one computed from
+    prepare()'s separately adapted weights and outputs."""
+    learners = []
+    for _ in range(2):
+        learner = _fixed_setting(steps, first_order)[0]
+        learner.task_chunk = task_chunk
+        learner.on_step(4)
+        learners.append(learner)
+    goals = family("navigation-2d").sample_tasks(3, torch.Generator().manual_seed(1))
+    fused = learners[0].train_step(goals, learners[0].make_optimizer(1e-3))
+    support, query, advantages, old_out, old_log_prob, returns = learners[1].prepare(goals)
+    apart = learners[1]._trpo(support, query, advantages, old_out, old_log_prob, returns,
+                              learners[1].make_optimizer(1e-3), None)
+    assert fused.accepted and apart.accepted
+    torch.testing.assert_close(fused.returns, apart.returns, rtol=0, atol=0)
+    torch.testing.assert_close(fused.loss, apart.loss, rtol=1e-10, atol=1e-13)
+    assert abs(fused.kl - apart.kl) < 1e-10
+    for a, b in zip(learners[0].parameters(), learners[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    assert any(not torch.equal(a, b) for a, b in zip(learners[0].parameters(), _fixed_setting(steps, first_order)[1].parameters()))
 
 
 def test_an_accepted_trpo_step_keeps_the_kl_bound_and_improves_the_surrogate():

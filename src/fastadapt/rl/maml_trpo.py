@@ -192,12 +192,23 @@ class MAMLTRPO(nn.Module):
         ``first``: the place of ``tasks[0]`` in the meta-batch (see ``_generators``); the
         environment copies are seeded by their place in it too (gymnasium's vector environments
         seed copy k with seed + k)."""
+        return self._collect(tasks, steps, test, first)[:3]
+
+    def _collect(self, tasks: torch.Tensor, steps: int, test: bool = False, first: int = 0,
+                 graph_chunk: Optional[int] = None):
+        """``collect``; with ``graph_chunk`` (training), each inner step is taken once, with the
+        graph the meta-gradient needs, ``graph_chunk`` tasks at a time as the outer step's chunks,
+        and those weights are returned too (one dict per chunk; the sampling weights are the same,
+        detached). Otherwise the fourth item is None."""
         phase = 0 if test else self.iteration + 1
         seed = (self.seed * 100_003 + phase) * 10_007 % (2 ** 30) + first * self.trajectories  # no wrap-around
         env = self.family.make_env(tasks, self.trajectories, seed=seed)
         try:
             fast, per_task = detach(self.learner.meta_params()), False
             support, sampled = [], []
+            parts = None if graph_chunk is None else [slice(start, start + graph_chunk)
+                                                      for start in range(0, tasks.shape[0], graph_chunk)]
+            adapted = None if parts is None else [self.learner.meta_params()] * len(parts)
             for step in range(steps + 1):
                 trajectories = sample(env, self.policy, fast, self.horizon,
                                       self._generators(tasks, first, step, test), per_task)
@@ -209,36 +220,50 @@ class MAMLTRPO(nn.Module):
                     advantages = advantages * 0.5  # half the rate: exact for rules linear in the gradient
                 observations, target = self.pack(trajectories, advantages)
                 support.append((observations, target))
-                with torch.no_grad():
-                    fast, per_task = self.inner_step(fast, per_task, observations, target, False), True
+                if adapted is not None:
+                    adapted = [self.inner_step(weights, per_task, observations[part], target[part], not self.first_order)
+                               for weights, part in zip(adapted, parts)]
+                    fast = {name: torch.cat([weights[name].detach() for weights in adapted]) for name in fast}
+                else:
+                    with torch.no_grad():
+                        fast = self.inner_step(fast, per_task, observations, target, False)
+                per_task = True
         finally:
             env.close()
-        return support, fast, sampled
+        return support, fast, sampled, adapted
 
     # ------------------------------------------------------------------ the outer objective
-    def _query_terms(self, fast, query: Trajectories, advantages, old_out, old_log_prob):
-        """Per-task surrogate (minus the importance-weighted advantage) and mean KL from the old policy."""
+    def _query_terms(self, fast, query: Trajectories, advantages, old_out, old_log_prob, with_kl: bool = True):
+        """Per-task surrogate (minus the importance-weighted advantage) and mean KL from the old
+        policy, the ratio, and the outputs and log-probabilities. ``old_out=None``: the old policy
+        is the one these weights give (their outputs, detached)."""
         out = policy_outputs(self.policy, fast, query.observations.flatten(1, 2), per_task=True)
         mask = query.mask.flatten(1, 2)
         count = mask.sum(1).clamp_min(1)
         log_prob = self.policy.log_prob(out, query.actions.flatten(1, 2))
+        if old_out is None:
+            old_out, old_log_prob = out.detach(), log_prob.detach()
         ratio = torch.exp(log_prob - old_log_prob)
         surrogate = -(ratio * advantages.flatten(1, 2) * mask).sum(1) / count
-        kl = (self.policy.kl(old_out, out) * mask).sum(1) / count
-        return surrogate, kl, ratio
+        kl = (self.policy.kl(old_out, out) * mask).sum(1) / count if with_kl else None
+        return surrogate, kl, ratio, out, log_prob
 
-    def _parts(self, support, query: Trajectories, *per_task, rows_per_task: Optional[int] = None):
+    def _chunk_size(self, tasks: int, rows_per_task: int) -> int:
+        """Tasks per chunk of the outer step (``_parts``) for tasks of ``rows_per_task`` time steps."""
+        if self.task_chunk == "auto":
+            return max(1, self.CHUNK_ROWS // rows_per_task)
+        return self.task_chunk or tasks
+
+    def _parts(self, support, query: Trajectories, *per_task, rows_per_task: Optional[int] = None,
+               size: Optional[int] = None):
         """The iteration's data in chunks of tasks, each with its share of the tasks: the outer
         step runs chunk by chunk so that a chunk's working set stays in cache, as the supervised
         engine does. ``task_chunk="auto"`` bounds a chunk to about ``CHUNK_ROWS`` time steps (of
         ``rows_per_task`` each, by default a task's query steps): 5 tasks of 20 x 100 steps, all 20
-        tasks for curvature on a fifth of them (measured fastest by benchmarks/rl_navigation.py)."""
+        tasks for curvature on a fifth of them (measured fastest by benchmarks/rl_navigation.py).
+        ``size``: tasks per chunk, as given."""
         total = query.mask.shape[0]
-        if self.task_chunk == "auto":
-            rows = rows_per_task or query.mask.shape[1] * query.mask.shape[2]
-            size = max(1, self.CHUNK_ROWS // rows)
-        else:
-            size = self.task_chunk or total
+        size = size or self._chunk_size(total, rows_per_task or query.mask.shape[1] * query.mask.shape[2])
         for start in range(0, total, size):
             part = slice(start, start + size)
             share = len(range(total)[part]) / total
@@ -249,21 +274,34 @@ class MAMLTRPO(nn.Module):
         surrogate, kl = 0, 0
         for share, s, q, a, o, lp in self._parts(support, query, advantages, old_out, old_log_prob):
             fast = self.adapt_along(s, create_graph)
-            part_surrogate, part_kl, _ = self._query_terms(fast, q, a, o, lp)
+            part_surrogate, part_kl = self._query_terms(fast, q, a, o, lp)[:2]
             surrogate, kl = surrogate + share * part_surrogate.mean(), kl + share * part_kl.mean()
         return surrogate, kl
 
     def meta_gradient(self, support, query, advantages, old_out, old_log_prob):
         """The surrogate and its gradient w.r.t. every outer parameter (the policy's, and Meta-SGD's
         rates), through the adaptation; one chunk of tasks at a time."""
-        params, loss, grads = list(self.parameters()), 0.0, None
-        for share, s, q, a, o, lp in self._parts(support, query, advantages, old_out, old_log_prob):
-            fast = self.adapt_along(s, not self.first_order)
-            part = share * self._query_terms(fast, q, a, o, lp)[0].mean()
+        return self._meta_gradient(support, query, advantages, old_out, old_log_prob)[:2]
+
+    def _meta_gradient(self, support, query, advantages, old_out=None, old_log_prob=None, adapted=None):
+        """``meta_gradient``, and the adapted policies' outputs and log-probabilities on the query
+        steps. With ``old_out=None`` the old policy is the adapted one at the current parameters,
+        whose outputs the surrogate's forward pass computes anyway (``train_step``: one pass over
+        the query steps fewer than computing them first). ``adapted``: the adapted weights with
+        their graph, one dict per chunk of tasks (``_collect``), in place of adapting again."""
+        params, loss, grads, outs, log_probs = list(self.parameters()), 0.0, None, [], []
+        given = () if old_out is None else (old_out, old_log_prob)
+        size = None if adapted is None else adapted[0][next(iter(adapted[0]))].shape[0]
+        for index, (share, s, q, a, *old) in enumerate(self._parts(support, query, advantages, *given, size=size)):
+            fast = self.adapt_along(s, not self.first_order) if adapted is None else adapted[index]
+            surrogate, _, _, out, log_prob = self._query_terms(fast, q, a, *(old or (None, None)), with_kl=False)
+            part = share * surrogate.mean()
             part_grads = torch.autograd.grad(part, params)
             grads = part_grads if grads is None else tuple(g + p for g, p in zip(grads, part_grads))
             loss = loss + part.detach()
-        return loss, grads
+            outs.append(out.detach())
+            log_probs.append(log_prob.detach())
+        return loss, grads, torch.cat(outs), torch.cat(log_probs)
 
     def _curvature_trajectories(self, query: Trajectories) -> int:
         """How many of each task's trajectories the curvature products use (``hvp_fraction``)."""
@@ -318,7 +356,7 @@ class MAMLTRPO(nn.Module):
     def prepare(self, tasks: torch.Tensor, first: int = 0):
         """Everything an outer step needs for ``tasks`` (the first at place ``first`` of the
         meta-batch): support data, query trajectories sampled with the adapted policies, their
-        advantages and the adapted policies' outputs."""
+        advantages and the adapted policies' outputs and log-probabilities."""
         support, fast, sampled = self.collect(tasks, self.inner_steps, first=first)
         query = sampled[-1]
         advantages = self.advantages(query)
@@ -334,15 +372,26 @@ class MAMLTRPO(nn.Module):
         ``before_update``, the Trainer's average), every curvature product and the line search's
         surrogate and KL are averaged over the processes, so all take the step one process would."""
         tasks = batch.tasks if hasattr(batch, "tasks") else batch
-        support, query, advantages, old_out, old_log_prob, returns = self.prepare(tasks, getattr(batch, "first", 0))
+        first = getattr(batch, "first", 0)
         if self.outer == "ppo":
+            support, query, advantages, old_out, old_log_prob, returns = self.prepare(tasks, first)
             return self._ppo(support, query, advantages, old_out, old_log_prob, returns, optimizer, clip_grad,
                              before_update)
-        return self._trpo(support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update)
+        # the adaptation is taken once, with its graph, and the old policy's outputs come from the
+        # surrogate's forward pass: two passes over the data fewer than prepare() then meta_gradient()
+        chunk = self._chunk_size(tasks.shape[0], self.trajectories * self.horizon)
+        support, _, sampled, adapted = self._collect(tasks, self.inner_steps, first=first, graph_chunk=chunk)
+        query = sampled[-1]
+        returns = torch.stack([t.task_returns() for t in sampled], dim=1)
+        return self._trpo(support, query, self.advantages(query), None, None, returns, optimizer, before_update,
+                          adapted)
 
-    def _trpo(self, support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update):
+    def _trpo(self, support, query, advantages, old_out, old_log_prob, returns, optimizer, before_update,
+              adapted=None):
         params = list(self.parameters())
-        loss, grads = self.meta_gradient(support, query, advantages, old_out, old_log_prob)
+        loss, grads, old_out, old_log_prob = self._meta_gradient(support, query, advantages, old_out, old_log_prob,
+                                                                 adapted)
+        del adapted
         for p, grad in zip(params, grads):
             p.grad = grad.detach()
         out = RLOutput(loss=loss, returns=returns)
@@ -386,7 +435,7 @@ class MAMLTRPO(nn.Module):
         for epoch in range(self.ppo_epochs):
             optimizer.zero_grad(set_to_none=True)
             fast = self.adapt_along(support, not self.first_order)
-            _, kl, ratio = self._query_terms(fast, query, advantages, old_out, old_log_prob)
+            _, kl, ratio, _, _ = self._query_terms(fast, query, advantages, old_out, old_log_prob)
             adv, mask = advantages.flatten(1, 2), query.mask.flatten(1, 2)
             clipped = torch.minimum(ratio * adv, ratio.clamp(1 - self.ppo_clip, 1 + self.ppo_clip) * adv)
             loss = (-(clipped * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
