@@ -153,6 +153,10 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path, monkeypatch):
     torch.save({"model": {}, "config": {}, "payload": Glyphs}, unsafe)
     with pytest.raises(ValueError, match="refused: it holds Python objects .*Glyphs"):
         load_checkpoint(unsafe)
+    text = tmp_path / "notes.pt"  # a file of another kind is not called a pickle of objects
+    text.write_text("garbage, not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes.pt: cannot be read as a PyTorch checkpoint .*no pickle"):
+        load_checkpoint(text)
 
 
 
