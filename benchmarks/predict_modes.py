@@ -20,6 +20,13 @@ between a query given alone and among the others.
 
 ``--tta VIEWS`` loads every predictor with ``views=VIEWS`` (``predict --tta``; the support+query
 mode is then left out).
+
+``--layers`` (a conv4 ProtoNet run) asks where batch prediction's gain comes from: the same tasks,
+the queries together, each of the four BatchNorm layers normalising them with the query set's
+statistics (``Q``) or the support set's (``S``): ``SSSS`` is the support mode, ``QQQQ`` batch
+prediction, ``SSSQ`` batch statistics in the last layer only.
+
+    python benchmarks/predict_modes.py RUN --root ../shared/data/omniglot --layers
 """
 
 from __future__ import annotations
@@ -77,6 +84,51 @@ def support_plus_each(predictor: Predictor, queries) -> torch.Tensor:
         return vmap(lambda q: predictor.learner.predict(predictor._fast, torch.cat([support, q[None]]))[-1])(x)
 
 
+LAYER_PATTERNS = ("SSSS", "QQQQ", "QSSS", "SQQQ", "SSQQ", "SSQS", "SSSQ")
+
+
+def per_layer_accuracy(predictor: Predictor, episodes) -> dict:
+    """Accuracy per pattern of ``LAYER_PATTERNS`` (see the module's text): conv4's blocks (conv,
+    BatchNorm, ReLU) run by hand, the support set normalised by itself, the queries as the pattern
+    says, then ProtoNet's rule (the nearest support embedding, one shot)."""
+    learner = predictor.learner
+    if learner.name != "protonet" or getattr(learner.model, "pool", None) != "stride":
+        raise SystemExit("--layers: needs a ProtoNet run with conv4's strided blocks")
+    layers = list(learner.model.features)
+    blocks = [layers[i:i + 3] for i in range(0, 12, 3)]
+
+    def statistics(x):
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
+        return mean, var
+
+    def normalise(norm, x, mean, var):
+        shape = (1, -1, 1, 1)
+        return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight.view(shape) + norm.bias.view(shape)
+
+    def embed(support, queries, pattern):
+        for (conv, norm, relu), which in zip(blocks, pattern):
+            support, queries = conv(support), conv(queries)
+            mean, var = statistics(support)
+            query_mean, query_var = statistics(queries) if which == "Q" else (mean, var)
+            support = relu(normalise(norm, support, mean, var))
+            queries = relu(normalise(norm, queries, query_mean, query_var))
+        return support.mean(dim=(2, 3)), queries.mean(dim=(2, 3))
+
+    correct = defaultdict(list)
+    transform = predictor.transform
+    with torch.no_grad():
+        for episode in episodes:
+            support = transform.to_tensor(transform.decode_all([s for _, s, _ in episode],
+                                                               [f"s{i}" for i in range(len(episode))]))
+            queries = transform.to_tensor(transform.decode_all([q for _, _, q in episode],
+                                                               [f"q{i}" for i in range(len(episode))]))
+            for pattern in LAYER_PATTERNS:
+                support_embedding, query_embedding = embed(support.float(), queries.float(), pattern)
+                nearest = torch.cdist(query_embedding, support_embedding).argmin(1)
+                correct[pattern].append((nearest == torch.arange(len(episode))).float().mean())
+    return correct
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
@@ -85,6 +137,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", type=int, default=1, help="views of each image (Predictor.load(views=))")
+    parser.add_argument("--layers", action="store_true",
+                        help="where batch prediction's gain comes from, BatchNorm layer by layer (ProtoNet, conv4)")
     args = parser.parse_args()
 
     run = experiment.load_run(args.run, changes={"root": args.root}, build=False)
@@ -92,6 +146,13 @@ def main() -> None:
     episodes, alphabets = lake_files(args.root, args.split, trained, args.tasks, args.seed)
     print(f"{run.path}: {run.config.algorithm.name}, {args.tasks} tasks of Lake's protocol on {', '.join(alphabets)}"
           + (f", {args.tta} views of each image" if args.tta > 1 else ""))
+    if args.layers:
+        correct = per_layer_accuracy(Predictor.load(args.run, device="cpu"), episodes)
+        print(f"{'statistics of the queries, layers 1-4':<40}{'accuracy %':>18}")
+        for pattern, values in correct.items():
+            values = torch.stack(values)
+            print(f"{pattern:<40}{100 * values.mean():>10.2f} +- {100 * confidence_interval(values):5.2f}")
+        return
     predictors = {mode: Predictor.load(args.run, device="cpu", query_statistics=mode, views=args.tta)
                   for mode in Predictor.QUERY_STATISTICS}
     correct = defaultdict(list)
