@@ -112,12 +112,12 @@ def test_returns_gae_and_the_linear_baseline_against_references():
         assert abs(float(valid.mean())) < 1e-9 and abs(float(valid.std(unbiased=False)) - 1) < 1e-6
 
 
-def _fixed_setting(steps, first_order, tasks=3, inner_estimator="reinforce"):
+def _fixed_setting(steps, first_order, tasks=3, inner_estimator="reinforce", rule="maml"):
     """A float64 MAML-TRPO on navigation with fixed recorded trajectories."""
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, hidden=(6, 6), activation="tanh", init_std=0.5).double()
     learner = MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.3, inner_steps=steps, first_order=first_order,
-                       trajectories=4, horizon=7, seed=3, inner_estimator=inner_estimator)
+                       trajectories=4, horizon=7, seed=3, inner_estimator=inner_estimator, rule=rule)
     goals = family("navigation-2d").sample_tasks(tasks, torch.Generator().manual_seed(1))
     support, query, advantages, old_out, old_log_prob, _ = learner.prepare(goals)
     return learner, policy, support, query, advantages, old_out, old_log_prob
@@ -248,14 +248,16 @@ def test_hessian_vector_product_equals_finite_differences_and_the_exact_one():
     assert (ax - v).norm() > 1e-3 * v.norm()
 
 
-@pytest.mark.parametrize("steps,first_order,task_chunk", [(1, False, 2), (2, False, 2), (2, True, None), (1, False, "auto")])
-def test_train_step_adapts_once_and_takes_the_step_prepare_and_trpo_take(steps, first_order, task_chunk):
+@pytest.mark.parametrize("steps,first_order,task_chunk,rule", [(1, False, 2, "maml"), (2, False, 2, "maml"),
+                                                              (2, True, None, "maml"), (1, False, "auto", "maml"),
+                                                              (2, False, 2, "metasgd")])
+def test_train_step_adapts_once_and_takes_the_step_prepare_and_trpo_take(steps, first_order, task_chunk, rule):
     """train_step records the adaptation with its graph while sampling, chunk by chunk, and takes
     the old policy's outputs from the surrogate's pass; the step must be the one computed from
     prepare()'s separately adapted weights and outputs."""
     learners = []
     for _ in range(2):
-        learner = _fixed_setting(steps, first_order)[0]
+        learner = _fixed_setting(steps, first_order, rule=rule)[0]
         learner.task_chunk = task_chunk
         learner.on_step(4)
         learners.append(learner)
@@ -270,7 +272,8 @@ def test_train_step_adapts_once_and_takes_the_step_prepare_and_trpo_take(steps, 
     assert abs(fused.kl - apart.kl) < 1e-10
     for a, b in zip(learners[0].parameters(), learners[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
-    assert any(not torch.equal(a, b) for a, b in zip(learners[0].parameters(), _fixed_setting(steps, first_order)[1].parameters()))
+    assert any(not torch.equal(a, b)
+               for a, b in zip(learners[0].parameters(), _fixed_setting(steps, first_order, rule=rule)[0].parameters()))
 
 
 def test_an_accepted_trpo_step_keeps_the_kl_bound_and_improves_the_surrogate():
