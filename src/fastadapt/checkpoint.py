@@ -136,8 +136,8 @@ def load_tensors(path, expected: str, map_location="cpu"):
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:  # not a pickle of objects at all: bytes of another kind of file
-            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes; not one: its "
-                             f"contents are no pickle); {expected}") from error
+            raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes of something "
+                             f"else: no pickle in it); {expected}") from error
         raise ValueError(f"{path}: refused: it holds Python objects ({found.group(1)}) that loading would have to "
                          f"run, while a fastadapt checkpoint holds only tensors and plain values; {expected}") from error
     except Exception as error:  # torch raises several types for truncated or foreign files

@@ -291,7 +291,7 @@ class MAMLTRPO(nn.Module):
         their graph, one dict per chunk of tasks (``_collect``), in place of adapting again."""
         params, loss, grads, outs, log_probs = list(self.parameters()), 0.0, None, [], []
         given = () if old_out is None else (old_out, old_log_prob)
-        size = None if adapted is None else adapted[0][next(iter(adapted[0]))].shape[0]
+        size = None if adapted is None else len(next(iter(adapted[0].values())))  # tasks in the first chunk
         for index, (share, s, q, a, *old) in enumerate(self._parts(support, query, advantages, *given, size=size)):
             fast = self.adapt_along(s, not self.first_order) if adapted is None else adapted[index]
             surrogate, _, _, out, log_prob = self._query_terms(fast, q, a, *(old or (None, None)), with_kl=False)
@@ -391,7 +391,6 @@ class MAMLTRPO(nn.Module):
         params = list(self.parameters())
         loss, grads, old_out, old_log_prob = self._meta_gradient(support, query, advantages, old_out, old_log_prob,
                                                                  adapted)
-        del adapted
         for p, grad in zip(params, grads):
             p.grad = grad.detach()
         out = RLOutput(loss=loss, returns=returns)
