@@ -112,12 +112,15 @@ def test_returns_gae_and_the_linear_baseline_against_references():
         assert abs(float(valid.mean())) < 1e-9 and abs(float(valid.std(unbiased=False)) - 1) < 1e-6
 
 
-def _fixed_setting(steps, first_order, tasks=3, inner_estimator="reinforce", rule="maml"):
-    """A float64 MAML-TRPO on navigation with fixed recorded trajectories."""
+def _fixed_setting(steps, first_order, tasks=3, inner_estimator="reinforce", rule="maml", explicit=None):
+    """A float64 MAML-TRPO on navigation with fixed recorded trajectories (``explicit``: whether it
+    takes the adaptation's derivatives as explicit products or by autograd; None: its default)."""
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(2, 2, hidden=(6, 6), activation="tanh", init_std=0.5).double()
     learner = MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.3, inner_steps=steps, first_order=first_order,
                        trajectories=4, horizon=7, seed=3, inner_estimator=inner_estimator, rule=rule)
+    if explicit is not None:
+        learner.explicit = explicit
     goals = family("navigation-2d").sample_tasks(tasks, torch.Generator().manual_seed(1))
     support, query, advantages, old_out, old_log_prob, _ = learner.prepare(goals)
     return learner, policy, support, query, advantages, old_out, old_log_prob
@@ -186,7 +189,7 @@ def test_lvc_inner_estimator_keeps_the_inner_step_and_adds_the_sampling_curvatur
     torch.testing.assert_close(plain.detach(), loss, rtol=1e-10, atol=1e-12)  # the same inner steps, the same loss
     assert any(not torch.allclose(a, b) for a, b in zip(grads, torch.autograd.grad(plain, list(policy.parameters()))))
     first = _fixed_setting(steps, True, inner_estimator="lvc")
-    first_plain = _fixed_setting(steps, True)
+    first_plain = _fixed_setting(steps, True, explicit=False)  # autograd's path for both: equal to the bit
     for a, b in zip(first[0].meta_gradient(*first[2:])[1], first_plain[0].meta_gradient(*first_plain[2:])[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # first order, the estimators are one
 
@@ -274,6 +277,69 @@ def test_train_step_adapts_once_and_takes_the_step_prepare_and_trpo_take(steps, 
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
     assert any(not torch.equal(a, b)
                for a, b in zip(learners[0].parameters(), _fixed_setting(steps, first_order, rule=rule)[0].parameters()))
+
+
+@pytest.mark.parametrize("rule,first_order,steps,activation,hidden,fraction", [
+    ("maml", False, 1, "tanh", (6, 5), 1.0), ("maml", False, 2, "tanh", (6, 5), 0.5),
+    ("maml", True, 2, "relu", (6, 5), 1.0), ("metasgd", False, 2, "tanh", (6, 5), 0.5),
+    ("metasgd", True, 1, "tanh", (6,), 1.0), ("maml", False, 1, "tanh", (), 0.5)])
+def test_explicit_derivatives_equal_autograds_in_float64(rule, first_order, steps, activation, hidden, fraction):
+    """rl/explicit.py's products (the default for Gaussian MLP policies) against autograd's graphs
+    (``explicit=False``): the meta-gradient with and without given old outputs, the curvature
+    product on all or half the trajectories, and the line search's objective."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, hidden=hidden, activation=activation, init_std=0.5).double()
+    learner = MAMLTRPO(policy, family("navigation-2d"), inner_lr=0.3, inner_steps=steps, first_order=first_order,
+                       trajectories=4, horizon=7, seed=3, rule=rule, hvp_fraction=fraction, task_chunk=2)
+    assert learner.explicit
+    if rule == "metasgd":  # rates of their own, so that a mix-up of names or of rates and weights shows
+        with torch.no_grad():
+            for rate in learner.learner.inner_lrs.values():
+                rate.uniform_(0.1, 0.5)
+    goals = family("navigation-2d").sample_tasks(3, torch.Generator().manual_seed(1))
+    support, query, advantages, old_out, old_log_prob, _ = learner.prepare(goals)
+    shifted = old_log_prob + 0.1 * torch.randn(old_log_prob.shape, generator=torch.Generator().manual_seed(2),
+                                               dtype=torch.float64)  # ratios other than 1
+    vector = torch.randn(sum(p.numel() for p in learner.parameters()), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    results = []
+    for explicit in (True, False):
+        learner.explicit = explicit
+        loss, grads = learner.meta_gradient(support, query, advantages, old_out, shifted)
+        own_loss, own_grads, outputs, log_probs = learner._meta_gradient(support, query, advantages)
+        product = learner.kl_hvp(support, query, old_out)(vector)
+        with torch.no_grad():
+            objective = torch.stack(learner.objective(support, query, advantages, old_out, shifted, False))
+        results.append([loss, *grads, own_loss, *own_grads, outputs, log_probs, product, objective])
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
+    assert results[1][-2].norm() > 1e-3 * vector.norm()  # a product that is not the damping alone
+
+
+def test_explicit_derivatives_apply_only_where_they_are_written_for():
+    nav = family("navigation-2d")
+    assert MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(4,)), nav).explicit
+    assert not MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(4,)), nav, inner_estimator="lvc").explicit
+
+    class Wider(GaussianMLPPolicy):  # a subclass may compute its outputs otherwise
+        pass
+
+    assert not MAMLTRPO(Wider(2, 2, hidden=(4,)), nav).explicit
+    from fastadapt.rl.explicit import supports
+    assert not supports(CategoricalMLPPolicy(4, 2, hidden=(4,)), "reinforce")
+
+
+def test_tanh_without_a_graph_is_torch_tanh():
+    from fastadapt.rl.policies import tanh
+    for dtype, tolerance in ((torch.float32, 2e-7), (torch.float64, 1e-15)):
+        z = torch.linspace(-30, 30, 100_001, dtype=dtype)
+        assert (tanh(z.clone()) - torch.tanh(z)).abs().max() <= tolerance
+    policy = GaussianMLPPolicy(2, 2, hidden=(8, 8), activation="tanh")
+    x = torch.randn(3, 5, 2)
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        without = policy.outputs(params, x, per_task=False)
+    torch.testing.assert_close(without, policy(x), rtol=0, atol=1e-6)
 
 
 def test_an_accepted_trpo_step_keeps_the_kl_bound_and_improves_the_surrogate():

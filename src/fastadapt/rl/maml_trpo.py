@@ -32,7 +32,9 @@ from torch.func import vmap
 from .. import distributed
 from ..algorithms import MAML, MetaSGD
 from ..algorithms.functional import detach
+from . import explicit
 from . import returns as R
+from .allocator import keep_freed_memory
 from .policies import PolicyGradientLoss
 from .sampling import Trajectories, policy_outputs, sample
 
@@ -122,6 +124,10 @@ class MAMLTRPO(nn.Module):
         self.ppo_clip, self.ppo_epochs, self.seed = float(ppo_clip), int(ppo_epochs), int(seed)
         self.task_chunk, self.inner_estimator = task_chunk, inner_estimator
         self.iteration = 0
+        # the adaptation's derivatives as explicit products (rl/explicit.py) where they apply;
+        # False: autograd's graphs throughout (the reference the tests hold them to)
+        self.explicit = explicit.supports(policy, inner_estimator)
+        keep_freed_memory()  # rl/allocator.py: the iteration's large temporaries reuse the process's pages
 
     # ------------------------------------------------------------------ the Trainer's interface
     @classmethod
@@ -208,7 +214,11 @@ class MAMLTRPO(nn.Module):
             support, sampled = [], []
             parts = None if graph_chunk is None else [slice(start, start + graph_chunk)
                                                       for start in range(0, tasks.shape[0], graph_chunk)]
-            adapted = None if parts is None else [self.learner.meta_params()] * len(parts)
+            if self.explicit:
+                parts = parts or [slice(None)]
+                adapted = [self._adaptation(keep=graph_chunk is not None) for _ in parts]
+            else:
+                adapted = None if parts is None else [self.learner.meta_params()] * len(parts)
             for step in range(steps + 1):
                 trajectories = sample(env, self.policy, fast, self.horizon,
                                       self._generators(tasks, first, step, test), per_task)
@@ -220,7 +230,10 @@ class MAMLTRPO(nn.Module):
                     advantages = advantages * 0.5  # half the rate: exact for rules linear in the gradient
                 observations, target = self.pack(trajectories, advantages)
                 support.append((observations, target))
-                if adapted is not None:
+                if self.explicit:
+                    chunks = [a.step(observations[part], target[part]) for a, part in zip(adapted, parts)]
+                    fast = {name: torch.cat([weights[name] for weights in chunks]) for name in fast}
+                elif adapted is not None:
                     adapted = [self.inner_step(weights, per_task, observations[part], target[part], not self.first_order)
                                for weights, part in zip(adapted, parts)]
                     fast = {name: torch.cat([weights[name].detach() for weights in adapted]) for name in fast}
@@ -230,7 +243,7 @@ class MAMLTRPO(nn.Module):
                 per_task = True
         finally:
             env.close()
-        return support, fast, sampled, adapted
+        return support, fast, sampled, adapted if graph_chunk is not None else None
 
     # ------------------------------------------------------------------ the outer objective
     def _query_terms(self, fast, query: Trajectories, advantages, old_out, old_log_prob, with_kl: bool = True):
@@ -273,7 +286,13 @@ class MAMLTRPO(nn.Module):
         """(mean surrogate, mean KL) over tasks, as functions of the outer parameters."""
         surrogate, kl = 0, 0
         for share, s, q, a, o, lp in self._parts(support, query, advantages, old_out, old_log_prob):
-            fast = self.adapt_along(s, create_graph)
+            if self.explicit and not torch.is_grad_enabled():
+                adaptation = self._adaptation(keep=False)
+                for observations, target in s:
+                    adaptation.step(observations, target)
+                fast = adaptation.fast
+            else:
+                fast = self.adapt_along(s, create_graph)
             part_surrogate, part_kl = self._query_terms(fast, q, a, o, lp)[:2]
             surrogate, kl = surrogate + share * part_surrogate.mean(), kl + share * part_kl.mean()
         return surrogate, kl
@@ -289,6 +308,8 @@ class MAMLTRPO(nn.Module):
         whose outputs the surrogate's forward pass computes anyway (``train_step``: one pass over
         the query steps fewer than computing them first). ``adapted``: the adapted weights with
         their graph, one dict per chunk of tasks (``_collect``), in place of adapting again."""
+        if self.explicit:
+            return self._explicit_meta_gradient(support, query, advantages, old_out, old_log_prob, adapted)
         params, loss, grads, outs, log_probs = list(self.parameters()), 0.0, None, [], []
         given = () if old_out is None else (old_out, old_log_prob)
         size = None if adapted is None else len(next(iter(adapted[0].values())))  # tasks in the first chunk
@@ -302,6 +323,113 @@ class MAMLTRPO(nn.Module):
             outs.append(out.detach())
             log_probs.append(log_prob.detach())
         return loss, grads, torch.cat(outs), torch.cat(log_probs)
+
+    # ------------------------------------------------------------------ explicit derivatives
+    def _adaptation(self, support=(), keep: bool = True, first_order: Optional[bool] = None) -> explicit.Adaptation:
+        """The inner steps as ``explicit.Adaptation`` from the current (detached) parameters,
+        through the support sets given; ``keep=False``: weights only, nothing kept to
+        differentiate (sampling and the line search); ``first_order``: by default the learner's."""
+        params = {name: p.detach() for name, p in self.policy.named_parameters()}
+        rates = self.inner_lr if self.rule == "maml" else \
+            {name: self.learner.inner_lrs[self.learner._key(name)].detach() for name in params}
+        first_order = self.first_order if first_order is None else first_order
+        adaptation = explicit.Adaptation(self.policy, params, rates, first_order, keep)
+        for observations, target in support:
+            adaptation.step(observations, target)
+        return adaptation
+
+    def _outputs(self, fast: dict, observations: torch.Tensor) -> torch.Tensor:
+        """The policy's outputs with each task's weights ``fast``, computed as the outer step
+        computes them (``explicit.MLPPass`` or ``policy_outputs``), to the bit."""
+        if not self.explicit:
+            return policy_outputs(self.policy, fast, observations, per_task=True)
+        mean = explicit.MLPPass(self.policy, fast, observations).mean
+        return torch.cat([mean, fast["log_std"][:, None, :].expand_as(mean)], dim=-1)
+
+    def _flat_names(self) -> list:
+        """Each outer parameter's key in ``explicit``'s gradients: (policy, name) or (rates, name)."""
+        keys, rate_names = [], {self.learner._key(n): n for n, _ in self.policy.named_parameters()} \
+            if self.rule == "metasgd" else {}
+        for name, _ in self.named_parameters():
+            if name.startswith("policy."):
+                keys.append((0, name[len("policy."):]))
+            else:
+                keys.append((1, rate_names[name[len("learner.inner_lrs."):]]))
+        return keys
+
+    def _outer_gradients(self, grad: dict, rate_grad) -> list:
+        return [(grad if which == 0 else rate_grad)[name] for which, name in self._flat_names()]
+
+    def _explicit_meta_gradient(self, support, query, advantages, old_out, old_log_prob, adapted):
+        """``_meta_gradient`` by ``explicit``'s products: the surrogate's gradient w.r.t. the
+        adapted weights by a backward pass over the query steps, carried to the outer parameters
+        through the adaptation (``Adaptation.transpose``)."""
+        act = self.policy.action_dim
+        loss, grads, outs, log_probs = 0.0, None, [], []
+        given = () if old_out is None else (old_out, old_log_prob)
+        size = None if adapted is None else adapted[0].fast["log_std"].shape[0]
+        for index, (share, s, q, a, *old) in enumerate(self._parts(support, query, advantages, *given, size=size)):
+            adaptation = self._adaptation(s) if adapted is None else adapted[index]
+            net = explicit.MLPPass(self.policy, adaptation.fast, q.observations.flatten(1, 2))
+            log_std = adaptation.fast["log_std"][:, None, :].expand_as(net.mean)
+            out = torch.cat([net.mean, log_std], dim=-1)
+            actions, mask = q.actions.flatten(1, 2), q.mask.flatten(1, 2)
+            log_prob = self.policy.log_prob(out, actions)
+            ratio = torch.exp(log_prob - old[1]) if old else torch.ones_like(log_prob)
+            count = mask.sum(1, keepdim=True).clamp_min(1)
+            weighted = ratio * a.flatten(1, 2) * mask / count
+            loss = loss - share * weighted.sum(1).mean()
+            weight = (share * weighted / mask.shape[0])[..., None]
+            residual, inv_var = actions - net.mean, torch.exp(-2 * log_std[:, :1])
+            grad_mean, grad_log_std = explicit._score_gradients(residual, inv_var, weight,
+                                                                (weight * residual * residual).sum(1))
+            grad = net.backward(grad_mean)[0]
+            grad["log_std"] = grad_log_std
+            part_grads = self._outer_gradients(*adaptation.transpose(grad))
+            grads = part_grads if grads is None else [g + p for g, p in zip(grads, part_grads)]
+            outs.append(out)
+            log_probs.append(log_prob)
+        return loss, tuple(grads), torch.cat(outs), torch.cat(log_probs)
+
+    def _explicit_kl_hvp(self, support, query, old_out):
+        """``kl_hvp`` by ``explicit``'s products: ``J v`` is the adaptation's tangent carried
+        through the query pass's tangent, ``J^T`` the query pass's backward carried back through
+        the adaptation; the same curvature, on the same share of the data."""
+        act, pieces = self.policy.action_dim, []
+        rows = self._curvature_trajectories(query) * query.mask.shape[2]
+        for share, s, q, o in self._parts(support, query, old_out, rows_per_task=rows):
+            trajectories = self._curvature_trajectories(q)
+            part = q.subset(trajectories)
+            if trajectories < q.mask.shape[1]:
+                s = [(x[:, :trajectories * (x.shape[1] // q.mask.shape[1])],
+                      y[:, :trajectories * (y.shape[1] // q.mask.shape[1])]) for x, y in s]
+            adaptation = self._adaptation(s, first_order=False)  # the KL's curvature through the real adaptation
+            net = explicit.MLPPass(self.policy, adaptation.fast, part.observations.flatten(1, 2))
+            if trajectories < q.mask.shape[1]:
+                old = torch.cat([net.mean, adaptation.fast["log_std"][:, None, :].expand_as(net.mean)], dim=-1)
+            else:
+                old = o.reshape(*q.mask.shape, -1)[:, :trajectories].flatten(1, 2)
+            mask = part.mask.flatten(1, 2)
+            weights = (mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0] * share)[..., None]
+            pieces.append((adaptation, net, old, weights))
+        keys = self._flat_names()
+        params = list(self.parameters())
+
+        def product(vector):
+            values = [vector[o:o + p.numel()].view_as(p) for o, p in zip(_offsets(params), params)]
+            theta = {name: v for (which, name), v in zip(keys, values) if which == 0}
+            rates = {name: v for (which, name), v in zip(keys, values) if which == 1} or None
+            total = 0
+            for adaptation, net, old, weights in pieces:
+                tangent = adaptation.tangent(theta, rates)
+                dmean = net.tangent(tangent)[0][-1]
+                dlog_std = tangent["log_std"].expand(dmean.shape[0], -1)[:, None, :].expand_as(dmean)
+                metric = self.policy.kl_hessian_product(old, torch.cat([dmean, dlog_std], dim=-1)) * weights
+                grad = net.backward(metric[..., :act])[0]
+                grad["log_std"] = metric[..., act:].sum(1)
+                total = total + torch.cat([g.reshape(-1) for g in self._outer_gradients(*adaptation.transpose(grad))])
+            return self.cg_damping * vector + _mean_over_processes(total)
+        return product
 
     def _curvature_trajectories(self, query: Trajectories) -> int:
         """How many of each task's trajectories the curvature products use (``hvp_fraction``)."""
@@ -332,7 +460,10 @@ class MAMLTRPO(nn.Module):
         outputs, which is closed-form (``policy.kl_hessian_product``). A product is then one
         Jacobian-vector product (a backward pass of ``J^T u``, linear in ``u``, differentiated w.r.t.
         ``u``) and one vector-Jacobian product, with no third derivatives of the inner loss; the
-        graphs are built once per iteration, one per chunk of tasks."""
+        graphs are built once per iteration, one per chunk of tasks. (With ``explicit``: the same
+        products, written out.)"""
+        if self.explicit:
+            return self._explicit_kl_hvp(support, query, old_out)
         params, graphs = list(self.parameters()), []
         rows = self._curvature_trajectories(query) * query.mask.shape[2]
         for share, s, q, o in self._parts(support, query, old_out, rows_per_task=rows):
@@ -361,7 +492,7 @@ class MAMLTRPO(nn.Module):
         query = sampled[-1]
         advantages = self.advantages(query)
         with torch.no_grad():
-            old_out = policy_outputs(self.policy, fast, query.observations.flatten(1, 2), per_task=True)
+            old_out = self._outputs(fast, query.observations.flatten(1, 2))
             old_log_prob = self.policy.log_prob(old_out, query.actions.flatten(1, 2))
         returns = torch.stack([t.task_returns() for t in sampled], dim=1)
         return support, query, advantages, old_out, old_log_prob, returns
