@@ -10,11 +10,13 @@ line search up to 15 steps x 0.8. One torch thread.
   bare ``gymnasium.make("HalfCheetah-v5")``;
 - seconds per meta-iteration (sampling included), full-data Hessian-vector products and
   ``--hvp-fractions`` of the query trajectories, alternated (median of ``--reps``);
-- ``--train N``: N meta-iterations from a fixed seed, then the mean return over 40 seeded test
-  tasks before adapting and after 1-3 steps (0.1, then 0.05), with 95% intervals.
+- ``--train N``: N meta-iterations from a fixed seed (``--seeds K``: from each of seeds 0..K-1,
+  then the mean over them), then the mean return over 40 seeded test tasks before adapting and
+  after 1-3 steps (0.1, then 0.05), with 95% intervals.
 
     python benchmarks/rl_navigation.py [--reps 3] [--hvp-fractions 1,0.2] [--train 100] [--cheetah]
     python benchmarks/rl_navigation.py --skip-timing --train 100 --hvp-fractions 0.2 --inner-estimators reinforce,lvc
+    python benchmarks/rl_navigation.py --skip-timing --train 100 --hvp-fractions 0.1 --seeds 3
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ def iteration_table(fractions, reps: int) -> None:
         print(f"{label:32s} {statistics.median(values):18.2f}")
 
 
-def train_and_test(iterations: int, fraction: float, inner_estimator: str = "reinforce") -> None:
+def train_and_test(iterations: int, fraction: float, inner_estimator: str = "reinforce", seed: int = 0):
     nav = family("navigation-2d")
-    learner = build(fraction, inner_estimator=inner_estimator)
-    optimizer, stream = learner.make_optimizer(1e-3), torch.Generator().manual_seed(0)
+    learner = build(fraction, seed=seed, inner_estimator=inner_estimator)
+    optimizer, stream = learner.make_optimizer(1e-3), torch.Generator().manual_seed(seed)
     test = nav.sample_tasks(40, torch.Generator().manual_seed(12345))
     start = time.perf_counter()
     for step in range(iterations):
@@ -101,12 +103,12 @@ def train_and_test(iterations: int, fraction: float, inner_estimator: str = "rei
     seconds = time.perf_counter() - start
     returns = learner.fine_tune(test, inner_steps=3).returns.double()
     mean, ci = returns.mean(0), confidence_interval(returns)
-    print(f"{iterations} meta-iterations ({inner_estimator} inner loss, Hessian-vector products on {fraction:.0%}) "
-          f"in {seconds:.0f} s; "
-          "40 test tasks, mean return and 95% CI:")
+    print(f"{iterations} meta-iterations ({inner_estimator} inner loss, Hessian-vector products on {fraction:.0%}, "
+          f"seed {seed}) in {seconds:.0f} s; 40 test tasks, mean return and 95% CI:")
     for step in range(returns.shape[1]):
         what = "before adapting" if step == 0 else f"after {step} step{'s' if step > 1 else ''}"
         print(f"  {what:16s} {mean[step]:8.2f} ± {ci[step]:.2f}")
+    return mean
 
 
 def main() -> None:
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--hvp-fractions", default="1,0.2")
     parser.add_argument("--train", type=int, default=0, metavar="N")
     parser.add_argument("--cheetah", action="store_true")
+    parser.add_argument("--seeds", type=int, default=1, help="with --train: train from seeds 0..K-1")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--inner-estimators", default="reinforce",
                         help="with --train: comma-separated inner losses to train with (reinforce, lvc)")
@@ -128,7 +131,11 @@ def main() -> None:
     if args.train:
         for estimator in args.inner_estimators.split(","):
             for f in fractions:
-                train_and_test(args.train, f, estimator)
+                means = torch.stack([train_and_test(args.train, f, estimator, seed) for seed in range(args.seeds)])
+                if args.seeds > 1:
+                    print(f"mean over {args.seeds} seeds ({estimator}, {f:.0%}): "
+                          + ", ".join(f"{m:.2f}" for m in means.mean(0).tolist())
+                          + " (before adapting, after 1, 2, 3 steps)")
 
 
 if __name__ == "__main__":

@@ -599,3 +599,13 @@ def test_a_diverging_rl_run_stops_with_exit_1_and_advice(tmp_path, capsys, monke
     assert main(["train", *RL_ARGS, "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "diverged: the meta-parameters became non-finite at step 3" in err and "holds the last finite" in err
+
+
+def test_maml_trpo_has_glibc_keep_freed_memory_once():
+    import platform
+
+    from fastadapt.rl import allocator
+    MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(4,)), family("navigation-2d"))
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert allocator._applied is glibc
+    assert allocator.keep_freed_memory() is glibc  # a second call changes nothing and says the same

@@ -51,7 +51,7 @@ def mlp_outputs(body: nn.Sequential, head: str, params: dict, x: torch.Tensor, p
         if isinstance(module, nn.Linear):
             x = _linear(params, f"body.{index}", x, per_task)
         else:
-            x = tanh(x) if fast_tanh and type(module) is nn.Tanh else module(x)
+            x = tanh(x) if fast_tanh and index and type(module) is nn.Tanh else module(x)  # not the input
     return _linear(params, head, x, per_task)
 
 
