@@ -327,6 +327,12 @@ def test_explicit_derivatives_apply_only_where_they_are_written_for():
     assert not MAMLTRPO(Wider(2, 2, hidden=(4,)), nav).explicit
     from fastadapt.rl.explicit import supports
     assert not supports(CategoricalMLPPolicy(4, 2, hidden=(4,)), "reinforce")
+    learner = MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(4,)), nav, inner_estimator="lvc")
+    with pytest.raises(ValueError, match="written for GaussianMLPPolicy with the reinforce inner loss, not "
+                                         "GaussianMLPPolicy with 'lvc'"):
+        learner.explicit = True
+    learner.explicit = False
+    assert not learner.explicit
 
 
 def test_tanh_without_a_graph_is_torch_tanh():

@@ -124,10 +124,22 @@ class MAMLTRPO(nn.Module):
         self.ppo_clip, self.ppo_epochs, self.seed = float(ppo_clip), int(ppo_epochs), int(seed)
         self.task_chunk, self.inner_estimator = task_chunk, inner_estimator
         self.iteration = 0
-        # the adaptation's derivatives as explicit products (rl/explicit.py) where they apply;
-        # False: autograd's graphs throughout (the reference the tests hold them to)
         self.explicit = explicit.supports(policy, inner_estimator)
         keep_freed_memory()  # rl/allocator.py: the iteration's large temporaries reuse the process's pages
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the adaptation's derivatives are explicit products (``rl/explicit.py``, the
+        default where they apply) or autograd's graphs (``False``: the reference the tests hold
+        them to)."""
+        return self._explicit
+
+    @explicit.setter
+    def explicit(self, value: bool) -> None:
+        if value and not explicit.supports(self.policy, self.inner_estimator):
+            raise ValueError(f"explicit derivatives are written for GaussianMLPPolicy with the reinforce inner loss, "
+                             f"not {type(self.policy).__name__} with {self.inner_estimator!r}")
+        self._explicit = bool(value)
 
     # ------------------------------------------------------------------ the Trainer's interface
     @classmethod
