@@ -325,6 +325,13 @@ def test_explicit_derivatives_apply_only_where_they_are_written_for():
         pass
 
     assert not MAMLTRPO(Wider(2, 2, hidden=(4,)), nav).explicit
+    mixed = GaussianMLPPolicy(2, 2, hidden=(4, 4), activation="tanh")
+    mixed.body[3] = torch.nn.ReLU()  # one derivative rule per network: a mix is autograd's
+    assert not MAMLTRPO(mixed, nav).explicit
+    extra = GaussianMLPPolicy(2, 2, hidden=(4,), activation="relu")
+    extra.body.append(torch.nn.Sigmoid())
+    assert not MAMLTRPO(extra, nav).explicit
+    assert MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(), activation="relu"), nav).explicit
     from fastadapt.rl.explicit import supports
     assert not supports(CategoricalMLPPolicy(4, 2, hidden=(4,)), "reinforce")
     learner = MAMLTRPO(GaussianMLPPolicy(2, 2, hidden=(4,)), nav, inner_estimator="lvc")

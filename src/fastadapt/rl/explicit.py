@@ -3,8 +3,9 @@
 MAML-RL's TRPO step differentiates through the inner step three ways: the meta-gradient (a
 vector-Jacobian product through the adaptation), ten curvature products (a Jacobian-vector and a
 vector-Jacobian product each) and the line search's re-adaptations. Autograd records the inner
-gradient as a graph and differentiates that graph again, which takes about twice the arithmetic
-the products need (benchmarks/rl_navigation.py: a curvature product 48 ms by graph, 24 ms here).
+gradient as a graph and differentiates that graph again, which costs about 1.5 times the time
+of the products themselves (one curvature product on a fifth of issue 20's navigation batch:
+35 ms by graph, 24 ms here; docs/performance.md).
 For the policy that nearly every run uses (``GaussianMLPPolicy``: Linear layers with tanh or
 ReLU between them, a state-independent log std) and the inner loss of the paper (REINFORCE,
 ``PolicyGradientLoss("reinforce")``), this module computes the same quantities with explicit
@@ -29,10 +30,15 @@ from .policies import GaussianMLPPolicy, tanh
 
 
 def supports(policy, estimator: str) -> bool:
-    """Whether the explicit derivatives cover this policy and inner loss."""
-    return (type(policy) is GaussianMLPPolicy and estimator == "reinforce"
-            and all(type(m) in (nn.Linear, nn.Tanh, nn.ReLU) for m in policy.body)
-            and all(isinstance(m, nn.Linear) == (i % 2 == 0) for i, m in enumerate(policy.body)))
+    """Whether the explicit derivatives cover this policy and inner loss: a ``GaussianMLPPolicy``
+    (not a subclass) whose body alternates Linear layers and one kind of activation, tanh or
+    ReLU, as ``GaussianMLPPolicy`` builds it, with the REINFORCE inner loss."""
+    if type(policy) is not GaussianMLPPolicy or estimator != "reinforce":
+        return False
+    body = list(policy.body)
+    activations = {type(m) for m in body[1::2]}
+    return (all(type(m) is nn.Linear for m in body[0::2]) and len(body) % 2 == 0
+            and (activations <= {nn.Tanh} or activations <= {nn.ReLU}))
 
 
 def _batched(tensor: torch.Tensor, tasks: int, dims: int) -> torch.Tensor:
@@ -110,7 +116,7 @@ class MLPPass:
         return grads, out_grads, in_grads
 
 
-def _score_gradients(residual, inv_var, weight, log_std_terms):
+def score_gradients(residual, inv_var, weight, log_std_terms):
     """d/d mean and d/d log std of ``-sum_r weight_r log pi(a_r | s_r)`` for a diagonal Gaussian
     (``residual = a - mean``, ``inv_var = exp(-2 log std)``)."""
     grad_mean = -weight * residual * inv_var
@@ -133,7 +139,7 @@ class InnerStep:
         self.residual = target[..., :act] - self.net.mean
         self.weighted_residual = self.weight * self.residual
         self.log_std_terms = (self.weighted_residual * self.residual).sum(1)
-        grad_mean, grad_log_std = _score_gradients(self.residual, self.inv_var, self.weight, self.log_std_terms)
+        grad_mean, grad_log_std = score_gradients(self.residual, self.inv_var, self.weight, self.log_std_terms)
         self.grad, self.out_grads, in_grads = self.net.backward(grad_mean)
         self.grad["log_std"] = grad_log_std
         # the activation's curvature times the gradient reaching it: constant across products

@@ -16,7 +16,10 @@ The Hessian-vector products are exact and cheap: at the current policy the KL's 
 Jacobian-vector and a vector-Jacobian product with no third derivative of the inner loss
 (``hvp_fraction`` < 1 builds them on that share of each task's trajectories, a common TRPO
 option). Sampling adds no graph: trajectories are constants of the meta-gradient, as in the
-paper (not the DiCE / ProMP estimator).
+paper (not the DiCE / ProMP estimator). For ``GaussianMLPPolicy`` with the REINFORCE inner loss
+the meta-gradient, the products and the line search's re-adaptations are explicit matrix
+products (``rl/explicit.py``, about half the operations); autograd's graphs serve every other
+policy and loss, and are the reference the tests hold the explicit ones to (``explicit=False``).
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ class MAMLTRPO(nn.Module):
         """``collect``; with ``graph_chunk`` (training), each inner step is taken once, with the
         graph the meta-gradient needs, ``graph_chunk`` tasks at a time as the outer step's chunks,
         and those weights are returned too (one dict per chunk; the sampling weights are the same,
-        detached). Otherwise the fourth item is None."""
+        detached; with ``explicit``, one ``explicit.Adaptation`` per chunk). Otherwise the fourth
+        item is None."""
         phase = 0 if test else self.iteration + 1
         seed = (self.seed * 100_003 + phase) * 10_007 % (2 ** 30) + first * self.trajectories  # no wrap-around
         env = self.family.make_env(tasks, self.trajectories, seed=seed)
@@ -376,7 +380,6 @@ class MAMLTRPO(nn.Module):
         """``_meta_gradient`` by ``explicit``'s products: the surrogate's gradient w.r.t. the
         adapted weights by a backward pass over the query steps, carried to the outer parameters
         through the adaptation (``Adaptation.transpose``)."""
-        act = self.policy.action_dim
         loss, grads, outs, log_probs = 0.0, None, [], []
         given = () if old_out is None else (old_out, old_log_prob)
         size = None if adapted is None else adapted[0].fast["log_std"].shape[0]
@@ -393,8 +396,8 @@ class MAMLTRPO(nn.Module):
             loss = loss - share * weighted.sum(1).mean()
             weight = (share * weighted / mask.shape[0])[..., None]
             residual, inv_var = actions - net.mean, torch.exp(-2 * log_std[:, :1])
-            grad_mean, grad_log_std = explicit._score_gradients(residual, inv_var, weight,
-                                                                (weight * residual * residual).sum(1))
+            grad_mean, grad_log_std = explicit.score_gradients(residual, inv_var, weight,
+                                                               (weight * residual * residual).sum(1))
             grad = net.backward(grad_mean)[0]
             grad["log_std"] = grad_log_std
             part_grads = self._outer_gradients(*adaptation.transpose(grad))
