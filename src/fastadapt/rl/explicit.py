@@ -127,10 +127,11 @@ def score_gradients(residual, inv_var, weight, log_std_terms):
 class InnerStep:
     """The REINFORCE inner loss of one step at ``params`` on support data (``observations``
     ``[T, R, obs]``, ``target`` ``[T, R, act + 2]`` as ``PolicyGradientLoss`` takes it): its
-    gradient, and its Hessian's product with a vector."""
+    gradient, and (``curvature``) its Hessian's product with a vector."""
 
     def __init__(self, policy: GaussianMLPPolicy, params: dict, observations, target, curvature: bool = True):
         act = policy.action_dim
+        self.with_curvature = curvature
         self.net = MLPPass(policy, params, observations, curvature)
         mask = target[..., act + 1]
         self.weight = (target[..., act] * mask / mask.sum(1, keepdim=True).clamp_min(1))[..., None]
@@ -148,6 +149,8 @@ class InnerStep:
 
     def hessian_vector(self, vector: dict) -> dict:
         """``H v`` per task, H the loss's Hessian at ``params`` (forward over reverse)."""
+        if not self.with_curvature:
+            raise RuntimeError("this InnerStep kept no second derivatives (curvature=False)")
         net = self.net
         tangents, hidden = net.tangent(vector)
         dmean = tangents[-1]
