@@ -83,6 +83,11 @@ class MLPPass:
             self.slopes.append(slope)
             self.inputs.append(h)
 
+    def outputs(self, log_std: torch.Tensor) -> torch.Tensor:
+        """The policy's outputs (``GaussianMLPPolicy.forward``): the mean, then each task's log std
+        (``[T, act]``) on every row."""
+        return torch.cat([self.mean, log_std[:, None, :].expand_as(self.mean)], dim=-1)
+
     def tangent(self, vector: dict) -> tuple:
         """Each layer's pre-activation tangent for the weight tangent ``vector`` (the last: the
         mean's), and each hidden layer's output tangent."""

@@ -359,8 +359,7 @@ class MAMLTRPO(nn.Module):
         computes them (``explicit.MLPPass`` or ``policy_outputs``), to the bit."""
         if not self.explicit:
             return policy_outputs(self.policy, fast, observations, per_task=True)
-        mean = explicit.MLPPass(self.policy, fast, observations).mean
-        return torch.cat([mean, fast["log_std"][:, None, :].expand_as(mean)], dim=-1)
+        return explicit.MLPPass(self.policy, fast, observations, curvature=False).outputs(fast["log_std"])
 
     def _flat_names(self) -> list:
         """Each outer parameter's key in ``explicit``'s gradients: (policy, name) or (rates, name)."""
@@ -373,21 +372,22 @@ class MAMLTRPO(nn.Module):
                 keys.append((1, rate_names[name[len("learner.inner_lrs."):]]))
         return keys
 
-    def _outer_gradients(self, grad: dict, rate_grad) -> list:
-        return [(grad if which == 0 else rate_grad)[name] for which, name in self._flat_names()]
+    @staticmethod
+    def _outer_gradients(keys: list, grad: dict, rate_grad) -> list:
+        """``explicit``'s gradients in the order of ``self.parameters()`` (``keys``: ``_flat_names``)."""
+        return [(grad if which == 0 else rate_grad)[name] for which, name in keys]
 
     def _explicit_meta_gradient(self, support, query, advantages, old_out, old_log_prob, adapted):
         """``_meta_gradient`` by ``explicit``'s products: the surrogate's gradient w.r.t. the
         adapted weights by a backward pass over the query steps, carried to the outer parameters
         through the adaptation (``Adaptation.transpose``)."""
-        loss, grads, outs, log_probs = 0.0, None, [], []
+        loss, grads, outs, log_probs, keys = 0.0, None, [], [], self._flat_names()
         given = () if old_out is None else (old_out, old_log_prob)
         size = None if adapted is None else adapted[0].fast["log_std"].shape[0]
         for index, (share, s, q, a, *old) in enumerate(self._parts(support, query, advantages, *given, size=size)):
             adaptation = self._adaptation(s) if adapted is None else adapted[index]
-            net = explicit.MLPPass(self.policy, adaptation.fast, q.observations.flatten(1, 2))
-            log_std = adaptation.fast["log_std"][:, None, :].expand_as(net.mean)
-            out = torch.cat([net.mean, log_std], dim=-1)
+            net = explicit.MLPPass(self.policy, adaptation.fast, q.observations.flatten(1, 2), curvature=False)
+            out = net.outputs(adaptation.fast["log_std"])
             actions, mask = q.actions.flatten(1, 2), q.mask.flatten(1, 2)
             log_prob = self.policy.log_prob(out, actions)
             ratio = torch.exp(log_prob - old[1]) if old else torch.ones_like(log_prob)
@@ -395,12 +395,12 @@ class MAMLTRPO(nn.Module):
             weighted = ratio * a.flatten(1, 2) * mask / count
             loss = loss - share * weighted.sum(1).mean()
             weight = (share * weighted / mask.shape[0])[..., None]
-            residual, inv_var = actions - net.mean, torch.exp(-2 * log_std[:, :1])
+            residual, inv_var = actions - net.mean, torch.exp(-2 * adaptation.fast["log_std"])[:, None, :]
             grad_mean, grad_log_std = explicit.score_gradients(residual, inv_var, weight,
                                                                (weight * residual * residual).sum(1))
             grad = net.backward(grad_mean)[0]
             grad["log_std"] = grad_log_std
-            part_grads = self._outer_gradients(*adaptation.transpose(grad))
+            part_grads = self._outer_gradients(keys, *adaptation.transpose(grad))
             grads = part_grads if grads is None else [g + p for g, p in zip(grads, part_grads)]
             outs.append(out)
             log_probs.append(log_prob)
@@ -413,20 +413,11 @@ class MAMLTRPO(nn.Module):
         act, pieces = self.policy.action_dim, []
         rows = self._curvature_trajectories(query) * query.mask.shape[2]
         for share, s, q, o in self._parts(support, query, old_out, rows_per_task=rows):
-            trajectories = self._curvature_trajectories(q)
-            part = q.subset(trajectories)
-            if trajectories < q.mask.shape[1]:
-                s = [(x[:, :trajectories * (x.shape[1] // q.mask.shape[1])],
-                      y[:, :trajectories * (y.shape[1] // q.mask.shape[1])]) for x, y in s]
+            s, part, old, weights = self._curvature_share(s, q, o)
             adaptation = self._adaptation(s, first_order=False)  # the KL's curvature through the real adaptation
-            net = explicit.MLPPass(self.policy, adaptation.fast, part.observations.flatten(1, 2))
-            if trajectories < q.mask.shape[1]:
-                old = torch.cat([net.mean, adaptation.fast["log_std"][:, None, :].expand_as(net.mean)], dim=-1)
-            else:
-                old = o.reshape(*q.mask.shape, -1)[:, :trajectories].flatten(1, 2)
-            mask = part.mask.flatten(1, 2)
-            weights = (mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0] * share)[..., None]
-            pieces.append((adaptation, net, old, weights))
+            net = explicit.MLPPass(self.policy, adaptation.fast, part.observations.flatten(1, 2), curvature=False)
+            old = net.outputs(adaptation.fast["log_std"]) if old is None else old
+            pieces.append((adaptation, net, old, (weights * share)[..., None]))
         keys = self._flat_names()
         params = list(self.parameters())
 
@@ -442,7 +433,7 @@ class MAMLTRPO(nn.Module):
                 metric = self.policy.kl_hessian_product(old, torch.cat([dmean, dlog_std], dim=-1)) * weights
                 grad = net.backward(metric[..., :act])[0]
                 grad["log_std"] = metric[..., act:].sum(1)
-                total = total + torch.cat([g.reshape(-1) for g in self._outer_gradients(*adaptation.transpose(grad))])
+                total = total + torch.cat([g.reshape(-1) for g in self._outer_gradients(keys, *adaptation.transpose(grad))])
             return self.cg_damping * vector + _mean_over_processes(total)
         return product
 
@@ -450,20 +441,28 @@ class MAMLTRPO(nn.Module):
         """How many of each task's trajectories the curvature products use (``hvp_fraction``)."""
         return max(1, math.ceil(self.hvp_fraction * query.mask.shape[1]))
 
+    def _curvature_share(self, support, query: Trajectories, old_out):
+        """The data the curvature is taken on (``hvp_fraction``): the support sets and the query
+        trajectories cut to that share of each task's trajectories, the old outputs on those
+        query steps (None on a smaller share: the curvature of that smaller problem, whose old
+        policy is the one adapted on it), and each step's weight in the mean KL."""
+        share, trajectories = self._curvature_trajectories(query), query.mask.shape[1]
+        part, old = query.subset(share), None
+        if share < trajectories:
+            support = [(o[:, :share * (o.shape[1] // trajectories)], y[:, :share * (y.shape[1] // trajectories)])
+                       for o, y in support]
+        else:
+            old = old_out  # [T, N * H, outputs], as the query steps are flattened
+        mask = part.mask.flatten(1, 2)
+        return support, part, old, mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
+
     def _kl_graph(self, support, query, old_out):
         """The policy's outputs on (a share of) the query steps as a function of the outer
         parameters, with the same old outputs and the weight of each step in the mean KL."""
-        share = self._curvature_trajectories(query)
-        part = query.subset(share)
-        if share < query.mask.shape[1]:  # the curvature of a smaller problem: adapted on a share too
-            support = [(o[:, :share * (o.shape[1] // query.mask.shape[1])],
-                        y[:, :share * (y.shape[1] // query.mask.shape[1])]) for o, y in support]
+        support, part, old, weights = self._curvature_share(support, query, old_out)
         fast = self.adapt_along(support, create_graph=True)
         out = policy_outputs(self.policy, fast, part.observations.flatten(1, 2), per_task=True)
-        old = out.detach() if share < query.mask.shape[1] else old_out.reshape(*query.mask.shape, -1)[:, :share].flatten(1, 2)
-        mask = part.mask.flatten(1, 2)
-        weights = mask / mask.sum(1, keepdim=True).clamp_min(1) / mask.shape[0]
-        return out, old, weights
+        return out, out.detach() if old is None else old, weights
 
     def kl_hvp(self, support, query, old_out):
         """A function ``v -> (H + damping I) v`` with H the Hessian of the mean KL w.r.t. the
