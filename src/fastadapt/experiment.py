@@ -44,8 +44,8 @@ PRESETS = {
                                    rotations=True, cosine=True, meta_steps=3000, eval_every=3000, log_every=100),
     # MAML-RL (Finn et al. 2017, sec. 5.3 and app. A.2; the 2D navigation settings of its PyTorch
     # reproduction): `fastadapt train --env NAME` starts from the preset of the same name.
-    # navigation-2d takes its curvature from 10% of the trajectories: 0.43-0.50 s an iteration
-    # against 0.51-0.58 s at 20%, with the same returns (docs/results.md, "Meta-RL").
+    # navigation-2d takes its curvature from 10% of the trajectories: 0.43-0.53 s an iteration
+    # against 0.51-0.60 s at 20%, with the same returns (docs/results.md, "Meta-RL").
     "navigation-2d": dict(env="navigation-2d", task_batch=20, trajectories=20, horizon=100, inner_steps=1,
                           inner_steps_test=3, inner_lr=0.1, hidden=64, activation="tanh", meta_steps=500,
                           eval_every=50, log_every=1, hvp_fraction=0.1),
