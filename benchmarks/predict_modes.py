@@ -21,6 +21,12 @@ between a query given alone and among the others.
 ``--tta VIEWS`` loads every predictor with ``views=VIEWS`` (``predict --tta``; the support+query
 mode is then left out).
 
+``--moved`` redraws every query as a user's own drawing might come: shrunk to a random 40-100% of
+its size and put at a random place on its page (seeded, the same for every run), to measure how
+much a run depends on where and how large a character is drawn (``--frame`` runs should not).
+
+    python benchmarks/predict_modes.py RUN --root ../shared/data/omniglot --moved
+
 ``--layers`` (a conv4 ProtoNet run) asks where batch prediction's gain comes from: the same tasks,
 the queries together, each of the four BatchNorm layers normalising them with the query set's
 statistics (``Q``) or the support set's (``S``): ``SSSS`` is the support mode, ``QQQQ`` batch
@@ -32,12 +38,14 @@ prediction, ``SSSQ`` batch statistics in the last layer only.
 from __future__ import annotations
 
 import argparse
+import io
 import warnings
 import zipfile
 from collections import defaultdict
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.func import vmap
 
 from fastadapt import experiment
@@ -73,6 +81,18 @@ def lake_files(root, split, trained, tasks, seed):
         episodes.append([(c, read(by_alphabet[alphabet][c][first]), read(by_alphabet[alphabet][c][second]))
                          for c in chosen])
     return episodes, usable
+
+
+def moved(png: bytes, rng) -> bytes:
+    """The drawing of ``png`` shrunk to 40-100% of its size, at a random place on a page as large."""
+    page = Image.open(io.BytesIO(png)).convert("L")
+    side = round(page.width * rng.uniform(0.4, 1.0))
+    out = Image.new("L", page.size, 255)
+    out.paste(page.resize((side, side), Image.Resampling.LANCZOS),
+              (int(rng.integers(0, page.width - side + 1)), int(rng.integers(0, page.height - side + 1))))
+    buffer = io.BytesIO()
+    out.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def support_plus_each(predictor: Predictor, queries) -> torch.Tensor:
@@ -137,6 +157,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tta", type=int, default=1, help="views of each image (Predictor.load(views=))")
+    parser.add_argument("--moved", action="store_true", help="queries shrunk and moved on their page (module text)")
     parser.add_argument("--layers", action="store_true",
                         help="where batch prediction's gain comes from, BatchNorm layer by layer (ProtoNet, conv4)")
     args = parser.parse_args()
@@ -144,8 +165,12 @@ def main() -> None:
     run = experiment.load_run(args.run, changes={"root": args.root}, build=False)
     trained = OmniglotSource.trained_alphabets(run.config)
     episodes, alphabets = lake_files(args.root, args.split, trained, args.tasks, args.seed)
+    if args.moved:
+        rng = np.random.default_rng(args.seed + 1)
+        episodes = [[(c, s, moved(q, rng)) for c, s, q in episode] for episode in episodes]
     print(f"{run.path}: {run.config.algorithm.name}, {args.tasks} tasks of Lake's protocol on {', '.join(alphabets)}"
-          + (f", {args.tta} views of each image" if args.tta > 1 else ""))
+          + (f", {args.tta} views of each image" if args.tta > 1 else "")
+          + (", queries shrunk and moved on their page" if args.moved else ""))
     if args.layers:
         correct = per_layer_accuracy(Predictor.load(args.run, device="cpu"), episodes)
         print(f"{'statistics of the queries, layers 1-4':<40}{'accuracy %':>18}")

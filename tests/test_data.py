@@ -3,6 +3,7 @@
 import functools
 import hashlib
 import http.server
+import io
 import pickle
 import subprocess
 import sys
@@ -381,3 +382,59 @@ def test_images_of_any_mode_and_depth_are_converted_by_value_range_or_refused_by
     palette = Image.fromarray(colour[..., :3]).convert("P")
     with pytest.raises(ValueError, match=r"image has 3 channel\(s\) \(P: palette\)"):
         grey.decode(palette, "p.png", True)
+
+
+# ---------------------------------------------------------------- framing drawings
+def _omniglot_drawing(root) -> Image.Image:
+    with zipfile.ZipFile(root / "images_background_small2.zip") as archive:
+        member = next(n for n in archive.namelist() if n.endswith(".png") and "Sanskrit" in n)
+        return Image.open(io.BytesIO(archive.read(member))).convert("L")
+
+
+def _ink_box(image: np.ndarray, threshold: int = 64):
+    rows, columns = np.flatnonzero((image > threshold).any(1)), np.flatnonzero((image > threshold).any(0))
+    return rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+
+
+def test_frame_gives_a_drawing_one_size_and_place_whatever_page_it_is_on(omniglot_root):
+    from fastadapt.data import ImageTransform
+    drawing = _omniglot_drawing(omniglot_root)
+    framed, whole = ImageTransform(28, invert=True, frame=0.8), ImageTransform(28, invert=True)
+    reference = framed.decode(drawing)[0].astype(int)
+    top, bottom, left, right = _ink_box(reference)
+    assert abs(max(bottom - top, right - left) - 0.8 * 28) <= 1.5
+    assert abs((top + bottom) / 2 - 14) <= 1 and abs((left + right) / 2 - 14) <= 1
+    for scale, corner, page in ((0.5, (200, 10), (300, 200)), (0.7, (0, 0), (150, 400)), (2.0, (30, 60), (400, 400))):
+        moved = Image.new("L", page, 255)
+        side = round(105 * scale)
+        moved.paste(drawing.resize((side, side), Image.Resampling.LANCZOS), corner)
+        difference = np.abs(framed.decode(moved)[0].astype(int) - reference).mean()
+        unframed = np.abs(whole.decode(moved)[0].astype(int) - whole.decode(drawing)[0].astype(int)).mean()
+        assert difference < 6 and unframed > 3 * difference, (scale, difference, unframed)
+    # light strokes on a dark page (the other polarity) and an RGB file frame the same drawing
+    dark = Image.fromarray(255 - np.asarray(drawing))
+    np.testing.assert_array_equal(ImageTransform(28, frame=0.8).decode(dark)[0], reference)
+    np.testing.assert_array_equal(ImageTransform(28, 3, invert=True, frame=0.8).decode(drawing.convert("RGB"))[0],
+                                  reference)
+    blank = Image.new("L", (105, 105), 255)   # no ink: read whole
+    np.testing.assert_array_equal(framed.decode(blank), whole.decode(blank))
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, True, "0.8", float("nan")])
+def test_frame_must_be_a_fraction(value):
+    from fastadapt.data import ImageTransform
+    with pytest.raises(ValueError, match=r"ImageTransform: frame must be a fraction in \(0, 1\]"):
+        ImageTransform(28, frame=value)
+
+
+def test_omniglot_frame_reaches_its_images_transform_and_cache(omniglot_root, tmp_path):
+    plain = Omniglot(omniglot_root, "background_small2", alphabets=["Sanskrit"])
+    framed = Omniglot(omniglot_root, "background_small2", alphabets=["Sanskrit"], frame=0.8)
+    assert framed.transform.frame == 0.8 and plain.transform.frame is None
+    archive, member = framed.sources[7].rsplit(".zip:", 1)
+    with zipfile.ZipFile(archive + ".zip") as opened:
+        np.testing.assert_array_equal(framed.images[7].numpy(), framed.transform.decode(opened.read(member)))
+    assert not torch.equal(framed.images, plain.images)
+    cached = Omniglot(omniglot_root, "background_small2", alphabets=["Sanskrit"], frame=0.8, cache=tmp_path)
+    again = Omniglot(omniglot_root, "background_small2", alphabets=["Sanskrit"], cache=tmp_path)
+    assert torch.equal(cached.images, framed.images) and torch.equal(again.images, plain.images)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import shared_data
+from fastadapt.checkpoint import load_checkpoint
 from fastadapt import experiment
 from fastadapt.cli import main
 from fastadapt.data import EpisodeSampler, Glyphs, Omniglot, RandomAffine, StrokeStyle, alphabets_of
@@ -180,12 +181,19 @@ def test_minimal_preset_encodes_the_recipe_and_trains(tmp_path, capsys):
     shared_data("omniglot/images_background_small2.zip")
     c = train_config(["--preset", "omniglot-minimal-20w1s", "--root", str(root)])
     assert (c.algorithm.name, c.data.n_way, c.data.k_shot, c.data.augment, c.data.group_by, c.data.options["rotations"],
-            c.training.cosine) == ("protonet", 20, 1, True, None, True, True)
+            c.training.cosine, c.data.frame) == ("protonet", 20, 1, True, None, True, True, 0.8)
     assert (c.data.train_split, c.data.val_split) == ("background_small1", "background_small2")
     assert c.training.eval_every == c.training.meta_steps  # validated once, at the end: no selection on test
+    assert train_config(["--preset", "omniglot-minimal-20w1s", "--root", str(root), "--frame", "off"]).data.frame is None
     run = tmp_path / "preset"
     assert main(["train", "--preset", "omniglot-minimal-20w1s", "--root", str(root), "--steps", "2", "--hidden", "8",
                  "--val-episodes", "2", "--test-episodes", "2", "--quiet", "--out", str(run)]) == 0
+    assert load_checkpoint(run / "last.pt")["transform"]["frame"] == 0.8   # predict frames files as training did
+    lake = OmniglotSource.lake_tasks(c, count=1)[0][0]   # Lake's tasks are framed too: each drawing 80% of 28 px
+    images = torch.cat([lake.support_x, lake.query_x]).flatten(0, -3) > 0.25
+    longer = [max(int(np.ptp(np.flatnonzero(ink.any(1)))), int(np.ptp(np.flatnonzero(ink.any(0))))) + 1
+              for ink in images.numpy()]
+    assert len(longer) == 40 and all(21 <= side <= 24 for side in longer), longer
     capsys.readouterr()
     assert main(["eval", str(run), "--protocol", "lake", "--episodes", "2", "--quiet"]) == 0
     assert "Lake et al.'s protocol" in capsys.readouterr().out

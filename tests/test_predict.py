@@ -287,6 +287,41 @@ def test_image_transform_round_trip_and_errors(tmp_path):
     assert ImageTransform(28, invert=True).decode(dot).tolist() == [[[255] * 28] * 28]
 
 
+def test_a_framed_folder_run_reads_a_drawing_alike_wherever_and_however_large_it_is(tmp_path, capsys):
+    glyphs = Glyphs(num_classes=3, examples_per_class=6, split="test")
+    for index in range(len(glyphs)):
+        drawing = Image.fromarray(255 - glyphs.images[index, 0].numpy()).resize((84, 84), Image.Resampling.LANCZOS)
+        split, c = ("train" if index % 6 < 3 else "val"), index // 6
+        (tmp_path / "data" / split / f"g{c}").mkdir(parents=True, exist_ok=True)
+        drawing.save(tmp_path / "data" / split / f"g{c}" / f"{index}.png")
+    run = tmp_path / "run"
+    folder_args = ["train", "--dataset", "folder", "--root", str(tmp_path / "data"), "--channels", "1", "--hidden", "8",
+                   "--n-way", "3", "--k-query", "1", "--task-batch", "2", "--inner-steps", "1", "--steps", "2",
+                   "--val-episodes", "2", "--test-episodes", "2", "--quiet"]
+    assert main([*folder_args, "--frame", "0.8", "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["frame"] == 0.8
+    predictor = Predictor.load(run, device="cpu")
+    assert predictor.transform.frame == 0.8
+    query = tmp_path / "data" / "val" / "g0" / "5.png"
+    corner = Image.new("L", (300, 200), 255)
+    corner.paste(Image.open(query).resize((40, 40), Image.Resampling.LANCZOS), (250, 150))
+    corner.save(tmp_path / "corner.png")
+    predictor.adapt(tmp_path / "data" / "train")
+    as_drawn, in_a_corner = (predictor.predict(path).probabilities for path in (query, tmp_path / "corner.png"))
+    capsys.readouterr()
+    assert main(["predict", str(run), "--support", str(tmp_path / "data" / "train"), "--query", str(query)]) == 0
+    assert "each drawing cropped to its ink, centred, 0.8 of the image" in capsys.readouterr().err
+    torch.testing.assert_close(in_a_corner, as_drawn, atol=0.05, rtol=0)
+    stored = [predictor.transform.decode(path)[0].astype(int) for path in (query, tmp_path / "corner.png")]
+    assert np.abs(stored[0] - stored[1]).mean() < 8
+    capsys.readouterr()
+    assert main([*folder_args, "--frame", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--frame" in err and "fraction in (0, 1]" in err and "1.5" in err
+    assert main(["train", *TINY_ARGS, "--frame", "0.8", "--out", str(tmp_path / "glyphs")]) == 0
+    assert "--frame means nothing for glyphs" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- which images are normalised together
 
 

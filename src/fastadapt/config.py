@@ -121,6 +121,7 @@ class DataConfig:
     augment_strokes: bool = False  # handwriting: random stroke width and smooth warps
     group_by: Optional[str] = None
     drawers: Optional[str] = None  # "disjoint": training supports and queries by different drawers
+    frame: Optional[float] = None  # drawings: crop to the ink, centred, its longer side this fraction of the image
     val_episodes: int = 100
     test_episodes: int = 600
     eval_batch: int = 25
@@ -141,6 +142,11 @@ class DataConfig:
             raise ConfigError("group_by", f"must be None or 'alphabet', got {self.group_by!r}", where + "group_by")
         if self.drawers not in (None, "disjoint"):
             raise ConfigError("drawers", f"must be None or 'disjoint', got {self.drawers!r}", where + "drawers")
+        if self.frame is not None:
+            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0 < self.frame <= 1:
+                raise ConfigError("frame", "must be a fraction in (0, 1] (how much of the image a drawing's longer "
+                                           f"side fills), got {self.frame!r}", where + "frame")
+            self.frame = float(self.frame)
         known = DATASETS[self.dataset]["options"]
         for key, value in self.options.items():
             if key not in known:

@@ -47,6 +47,19 @@ def task_chunk(text: str):
         raise argparse.ArgumentTypeError(f"expected auto, all or a number, got {text!r}") from None
 
 
+OFF = "off"   # a flag's value that unsets what a preset set (``--frame off``)
+
+
+def frame_fraction(text: str):
+    """``--frame``: a number (``DataConfig.check`` refuses one outside (0, 1]) or ``off``."""
+    if text.lower() in ("off", "none"):
+        return OFF
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] such as 0.8, or off, got {text!r}") from None
+
+
 def widths(text: str):
     """``64,160,320,640`` -> a list of ints (``ModelConfig.check`` refuses the wrong count)."""
     try:
@@ -99,6 +112,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drawers", choices=["disjoint"],
                    help="training episodes: each task's support images by k-shot drawers and its queries by "
                         "k-query other drawers, the same for every class, as Lake's protocol tests (Omniglot)")
+    g.add_argument("--frame", type=frame_fraction, metavar="FRACTION",
+                   help="drawings (omniglot, folder): crop each image to its ink and centre it, its longer side "
+                        "FRACTION of the image (0.8 say), so a drawing's size and place on the page do not matter; "
+                        "stored with the run, so predict reads files the same way; off: the whole page, as it is "
+                        "(the omniglot-minimal-20w1s preset frames at 0.8)")
     g.add_argument("--image-size", "--imgsz", dest="image_size", type=int)
     g.add_argument("--channels", "--imgc", dest="channels", type=int)
     for cls in sources.values():
@@ -197,7 +215,7 @@ def run_keys() -> set:
 def explicit(args) -> dict:
     """The run options given on the command line (argparse's defaults are None)."""
     keys = run_keys()
-    return {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    return {k: (None if v is OFF else v) for k, v in vars(args).items() if k in keys and v is not None}
 
 
 def config_from(args) -> RunConfig:

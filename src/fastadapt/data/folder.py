@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,11 +23,12 @@ class ImageFolder(ImageSet):
     decoded raises a ``ValueError`` naming it (``on_error="raise"``, the default) or is skipped
     with a warning naming it (``on_error="skip"``); it is never given a label. A class folder with
     no usable image is an error. ``strict_channels=True`` makes an image of another channel count
-    (colour in a grey set, or the reverse) an error too.
+    (colour in a grey set, or the reverse) an error too. ``frame``: drawings cropped to their ink
+    and centred (``ImageTransform.frame``).
     """
 
     def __init__(self, root, image_size: int = 28, channels: int = 1, on_error: str = "raise",
-                 strict_channels: bool = False, invert: bool = False):
+                 strict_channels: bool = False, invert: bool = False, frame: Optional[float] = None):
         root = Path(root).expanduser()
         if channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels!r}")
@@ -49,7 +51,8 @@ class ImageFolder(ImageSet):
                               f"only the images directly in it are", stacklevel=2)
             files += members
             labels += [label] * len(members)
-        transform = ImageTransform(image_size, channels, invert=invert, convert_channels=not strict_channels)
+        transform = ImageTransform(image_size, channels, invert=invert, convert_channels=not strict_channels,
+                                   frame=frame)
         images, kept = load_images([(str(p), p.read_bytes) for p in files], transform, on_error, strict_channels)
         targets = torch.tensor([labels[i] for i in kept], dtype=torch.long)
         counts = torch.bincount(targets, minlength=len(classes))
@@ -85,5 +88,5 @@ class FolderSource(DataSource):
                           "selected on", stacklevel=3)
         root = Path(d.root)
         test_dir = root / "test" if (root / "test").is_dir() else root / "val"
-        return tuple(ImageFolder(folder, image_size=d.image_size, channels=d.channels)
+        return tuple(ImageFolder(folder, image_size=d.image_size, channels=d.channels, frame=d.frame)
                      for folder in (root / "train", root / "val", test_dir))

@@ -133,7 +133,8 @@ class GlyphsSource(DataSource):
     ignores = {"root": "Glyphs are drawn, not read", "download": "Glyphs are drawn, not read",
                "train_split": "Glyphs have their own train/val/test characters",
                "val_split": "Glyphs have their own train/val/test characters",
-               "test_split": "Glyphs have their own train/val/test characters"}
+               "test_split": "Glyphs have their own train/val/test characters",
+               "frame": "Glyphs are drawn centred, at one size"}
 
     @classmethod
     def default_transform(cls, config):

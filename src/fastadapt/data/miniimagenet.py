@@ -121,6 +121,7 @@ class MiniImageNetSource(DataSource):
     summary = "miniImageNet: --root with images/ and train/val/test.csv, or the pickle caches"
     image_size = 84
     channels = 3
+    ignores = {"frame": "photographs have no ink on paper to frame"}
 
     @classmethod
     def default_transform(cls, config):

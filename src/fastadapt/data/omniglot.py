@@ -119,20 +119,23 @@ class Omniglot(ImageSet):
     drawer (from its file name). ``alphabets`` keeps only the named alphabets, and
     ``exclude_alphabets`` drops those named (``left_out`` lists the ones this split had: the
     alphabets a model trained on, to test it on unseen ones; see ``alphabets_of``); ``rotations=True``
-    adds rotated copies of each character as new classes (the MAML paper's augmentation). The
-    decoded images are cached
+    adds rotated copies of each character as new classes (the MAML paper's augmentation).
+    ``frame`` (a fraction) crops each drawing to its ink, centred, its longer side that fraction
+    of the image (``ImageTransform.frame``), so a drawer's size and placement do not reach the
+    network. The decoded images are cached
     as ``.npy`` if asked: ``cache=True`` next to the data (when that folder is writable), a path
     puts the cache in that folder; off by default (decoding the full set takes seconds).
     """
 
     @staticmethod
-    def default_transform(image_size: int = 28) -> ImageTransform:
+    def default_transform(image_size: int = 28, frame: Optional[float] = None) -> ImageTransform:
         """The files are black strokes on white; the network sees them inverted."""
-        return ImageTransform(image_size, channels=1, resample="lanczos", invert=True, background="dark")
+        return ImageTransform(image_size, channels=1, resample="lanczos", invert=True, background="dark",
+                              frame=frame)
 
     def __init__(self, root, split: str = "background", image_size: int = 28, rotations: bool = False,
                  download: bool = False, alphabets: Optional[Iterable[str]] = None, cache=False,
-                 exclude_alphabets: Iterable[str] = ()):
+                 exclude_alphabets: Iterable[str] = (), frame: Optional[float] = None):
         if split not in SPLITS:
             raise ValueError(f"Omniglot: split must be one of {sorted(SPLITS)}, got {split!r}")
         root = Path(root).expanduser()
@@ -168,13 +171,15 @@ class Omniglot(ImageSet):
             entries = [e for e in entries if e[0].split("/")[0] not in self.left_out]
         index = {name: i for i, name in enumerate(class_names)}
 
-        transform = self.default_transform(image_size)
+        transform = self.default_transform(image_size, frame)
 
         def build():
             return load_images([(source, read) for _, source, read in entries], transform)[0]
 
-        cache_path = cache_location(cache, root, f"{base}_{image_size}px")
-        key = f"{fingerprint}:{sorted(alphabets or [])}" + (f":without:{self.left_out}" if self.left_out else "")
+        framing = "" if frame is None else f"_frame{transform.frame:g}"
+        cache_path = cache_location(cache, root, f"{base}_{image_size}px{framing}")
+        key = (f"{fingerprint}:{sorted(alphabets or [])}" + (f":without:{self.left_out}" if self.left_out else "")
+               + framing)
         images = torch.from_numpy(remembered_array(("omniglot", key, image_size, str(cache_path)),
                                                    lambda: cached_array(cache_path, key, build)))
         targets = torch.tensor([index[name] for name, _, _ in entries])
@@ -190,7 +195,8 @@ class Omniglot(ImageSet):
 
 def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: int = 0,
                   image_size: int = 28, rotations: bool = True, download: bool = False,
-                  splits: Sequence[str] = ("background", "evaluation")) -> Tuple[ImageSet, ImageSet, ImageSet]:
+                  splits: Sequence[str] = ("background", "evaluation"),
+                  frame: Optional[float] = None) -> Tuple[ImageSet, ImageSet, ImageSet]:
     """The MAML paper's Omniglot protocol: pool all characters of ``splits`` (1623 for the full
     data set), shuffle them with ``seed``, and take ``train_classes`` for meta-training (of which the
     last ``val_classes`` are carved out for validation) and the rest for testing. Characters present
@@ -199,7 +205,7 @@ def maml_protocol(root, train_classes: int = 1200, val_classes: int = 0, seed: i
 
     Returns ``(train, val, test)``; ``val`` is empty (0 classes) when ``val_classes=0``.
     """
-    parts = [Omniglot(root, s, image_size=image_size, download=download) for s in splits]
+    parts = [Omniglot(root, s, image_size=image_size, download=download, frame=frame) for s in splits]
     names, images, targets, sources = [], [], [], []
     seen = set()
     for part in parts:
@@ -270,7 +276,7 @@ class OmniglotSource(DataSource):
 
     @classmethod
     def default_transform(cls, config):
-        return Omniglot.default_transform(config.data.image_size)
+        return Omniglot.default_transform(config.data.image_size, config.data.frame)
 
     @classmethod
     def trained_alphabets(cls, config) -> list:
@@ -292,13 +298,13 @@ class OmniglotSource(DataSource):
         d, o, size = config.data, config.data.options, config.data.image_size
         if o.get("protocol") == "maml":
             return maml_protocol(d.root, val_classes=100, seed=config.training.seed, image_size=size,
-                                 rotations=bool(o.get("rotations")), download=d.download)
+                                 rotations=bool(o.get("rotations")), download=d.download, frame=d.frame)
         train_split = d.train_split or "background"
         val_split = d.val_split or "evaluation"
 
         def load(split, alphabets, rotations, exclude=()):
             return Omniglot(d.root, split, image_size=size, rotations=rotations, download=d.download,
-                            alphabets=_names(alphabets), exclude_alphabets=exclude)
+                            alphabets=_names(alphabets), exclude_alphabets=exclude, frame=d.frame)
         train = load(train_split, o.get("train_alphabets"), bool(o.get("rotations")))
         trained = sorted(set(train.alphabets))
         val_alphabets = o.get("val_alphabets")
@@ -337,7 +343,7 @@ class OmniglotSource(DataSource):
             trained = []
         _warn_if_seen(trained, chosen, f"the alphabets of {split!r}", config.data.train_split or "background")
         images = Omniglot(config.data.root, split, image_size=config.data.image_size, alphabets=chosen,
-                          exclude_alphabets=() if chosen else trained)
+                          exclude_alphabets=() if chosen else trained, frame=config.data.frame)
         sizes = Counter(images.alphabets)
         sampler = EpisodeSampler(images, 20, 1, 1, min(config.data.eval_batch, count), seed=cls.LAKE_SEED,
                                  group_by="alphabet", drawers="disjoint")

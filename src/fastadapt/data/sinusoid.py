@@ -68,7 +68,8 @@ class SinusoidSource(DataSource):
     loss = "mse"
     network = "mlp"
     ignores = {**{key: "the sinusoid tasks are regression of K points" for key in
-                  ("n_way", "image_size", "channels", "augment", "augment_strokes", "group_by", "drawers", "hidden")},
+                  ("n_way", "image_size", "channels", "augment", "augment_strokes", "group_by", "drawers", "frame",
+                   "hidden")},
                "query_statistics": "its network has no BatchNorm"}
 
     @classmethod

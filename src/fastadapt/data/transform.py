@@ -57,6 +57,39 @@ def _channels_of(img: Image.Image) -> int:
         if (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all():
             return 1
     return 3
+
+
+def framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resampling.LANCZOS,
+           threshold: int = 64) -> Image.Image:
+    """``img`` (grey or RGB) as a ``size`` x ``size`` image of its ink, centred, the ink's longer
+    side ``fill`` of the side, on its own paper. The paper is the image's median (a drawing is
+    mostly paper, whichever its polarity); ink is every pixel more than ``threshold`` grey levels
+    from it. The crop box is kept to the sub-pixel and resampled in one step, so a drawing and a
+    smaller copy of it give nearly the same image; a page many times the output's size is first
+    reduced by box averaging, so memory stays bounded whatever the page and ``fill``. An image
+    with no ink is resized whole."""
+    grey = np.asarray(img.convert("L"), dtype=np.int16)
+    ink = np.abs(grey - int(np.median(grey))) > threshold
+    if not ink.any():
+        return img.resize((size, size), resample)
+    rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    side, centre_x, centre_y = max(bottom - top, right - left) / fill, (left + right) / 2, (top + bottom) / 2
+    paper = np.median(np.asarray(img).reshape(-1, len(img.getbands())), axis=0).astype(np.uint8)
+    paper = int(paper[0]) if img.mode == "L" else tuple(int(v) for v in paper)
+    factor = int(side // (2 * size))
+    if factor >= 2:
+        img = img.reduce(factor)
+        side, centre_x, centre_y = side / factor, centre_x / factor, centre_y / factor
+    x0, y0 = centre_x - side / 2, centre_y - side / 2
+    origin_x, origin_y = int(np.floor(x0)), int(np.floor(y0))
+    extent = int(np.ceil(side)) + 2
+    canvas = Image.new(img.mode, (extent, extent), paper)
+    canvas.paste(img, (-origin_x, -origin_y))
+    box = (x0 - origin_x, y0 - origin_y, x0 - origin_x + side, y0 - origin_y + side)
+    return canvas.resize((size, size), resample, box=box)
+
+
 _RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
                "bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
                "box": Image.Resampling.BOX}
@@ -79,6 +112,10 @@ class ImageTransform:
     - ``convert_channels``: grey files were converted to ``channels`` (or colour ones to grey)
       when the training set was read, so prediction converts them the same way; otherwise an
       image of another channel count is refused, naming its mode.
+    - ``frame``: for drawings, a fraction in (0, 1]: each file is cropped to its ink and centred
+      on a square canvas of its background, the drawing's longer side ``frame`` of the canvas's,
+      before resizing (``framed``). A drawing then reaches the network at one size and place,
+      however large and wherever it was drawn; None reads the whole file as it is.
     """
 
     image_size: int
@@ -90,6 +127,7 @@ class ImageTransform:
     std: Optional[Tuple[float, ...]] = None
     background: Optional[str] = None
     convert_channels: bool = False
+    frame: Optional[float] = None
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size <= 0:
@@ -102,6 +140,11 @@ class ImageTransform:
             raise ValueError(f"ImageTransform: background must be 'dark', 'light' or None, got {self.background!r}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("ImageTransform: give both mean and std, or neither")
+        if self.frame is not None:
+            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0 < self.frame <= 1:
+                raise ValueError("ImageTransform: frame must be a fraction in (0, 1] (how much of the image a "
+                                 f"drawing's longer side fills), got {self.frame!r}")
+            object.__setattr__(self, "frame", float(self.frame))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -161,7 +204,9 @@ class ImageTransform:
             raise ValueError(f"{source}: image has {native} channel(s) ({_MODE_NAMES.get(mode, mode)}), "
                              f"expected {self.channels}")
         img = img.convert("L" if self.channels == 1 else "RGB")
-        if img.size != (self.image_size, self.image_size):
+        if self.frame is not None:
+            img = framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
+        elif img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
         array = np.asarray(img, dtype=np.uint8)
         array = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
