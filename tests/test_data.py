@@ -416,6 +416,14 @@ def test_frame_gives_a_drawing_one_size_and_place_whatever_page_it_is_on(omniglo
     np.testing.assert_array_equal(ImageTransform(28, frame=0.8).decode(dark)[0], reference)
     np.testing.assert_array_equal(ImageTransform(28, 3, invert=True, frame=0.8).decode(drawing.convert("RGB"))[0],
                                   reference)
+    specks = np.asarray(drawing).copy()   # dust on the scan does not stretch the frame
+    specks[[2, 3, 101, 50], [2, 100, 4, 103]] = 0
+    with_specks = framed.decode(Image.fromarray(specks))[0].astype(int)
+    assert np.abs(with_specks - reference).mean() < 1   # the specks may show, but the drawing stays put
+    hairline = np.full((105, 105), 255, np.uint8)   # a drawing thinner than the speck filter is still framed
+    hairline[10:40, 60] = 0
+    top, bottom, left, right = _ink_box(framed.decode(Image.fromarray(hairline))[0], threshold=30)
+    assert bottom - top >= 21 and abs((top + bottom) / 2 - 14) <= 1
     blank = Image.new("L", (105, 105), 255)   # no ink: read whole
     np.testing.assert_array_equal(framed.decode(blank), whole.decode(blank))
 
