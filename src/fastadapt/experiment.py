@@ -39,7 +39,7 @@ PRESETS = {
     # Validation runs once, at the end, so that nothing is selected on background_small2's unseen
     # alphabets. The MAML settings apply with --algo maml. Each drawing is framed (cropped to its
     # ink and centred, 80% of the image): a drawer's size and placement no longer reach the
-    # network (4.9 points more one image at a time on Lake's protocol, docs/results.md).
+    # network (3.4 points more on Lake's protocol, 4.6 one image at a time; docs/results.md).
     "omniglot-minimal-20w1s": dict(dataset="omniglot", train_split="background_small1",
                                    val_split="background_small2", algo="protonet", n_way=20, k_shot=1, k_query=5,
                                    task_batch=4, inner_steps=5, inner_lr=0.1, inner_steps_test=5, augment=True,
