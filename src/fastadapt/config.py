@@ -143,8 +143,8 @@ class DataConfig:
         if self.drawers not in (None, "disjoint"):
             raise ConfigError("drawers", f"must be None or 'disjoint', got {self.drawers!r}", where + "drawers")
         if self.frame is not None:
-            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0 < self.frame <= 1:
-                raise ConfigError("frame", "must be a fraction in (0, 1] (how much of the image a drawing's longer "
+            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0.1 <= self.frame <= 1:
+                raise ConfigError("frame", "must be a fraction from 0.1 to 1 (how much of the image a drawing's longer "
                                            f"side fills), got {self.frame!r}", where + "frame")
             self.frame = float(self.frame)
         known = DATASETS[self.dataset]["options"]

@@ -51,13 +51,13 @@ OFF = "off"   # a flag's value that unsets what a preset set (``--frame off``)
 
 
 def frame_fraction(text: str):
-    """``--frame``: a number (``DataConfig.check`` refuses one outside (0, 1]) or ``off``."""
+    """``--frame``: a number (``DataConfig.check`` refuses one outside [0.1, 1]) or ``off``."""
     if text.lower() in ("off", "none"):
         return OFF
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] such as 0.8, or off, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0.1 to 1 such as 0.8, or off, got {text!r}") from None
 
 
 def widths(text: str):

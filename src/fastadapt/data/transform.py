@@ -59,7 +59,7 @@ def _channels_of(img: Image.Image) -> int:
     return 3
 
 
-def framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resampling.LANCZOS,
+def _framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resampling.LANCZOS,
            threshold: int = 64) -> Image.Image:
     """``img`` (grey or RGB) as a ``size`` x ``size`` image of its ink, centred, the ink's longer
     side ``fill`` of the side, on its own paper. The paper is the image's median (a drawing is
@@ -81,7 +81,7 @@ def framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resam
     side, centre_x, centre_y = max(bottom - top, right - left) / fill, (left + right) / 2, (top + bottom) / 2
     paper = np.median(np.asarray(img).reshape(-1, len(img.getbands())), axis=0).astype(np.uint8)
     paper = int(paper[0]) if img.mode == "L" else tuple(int(v) for v in paper)
-    factor = int(side // (2 * size))
+    factor = min(int(side // (2 * size)), max(img.size))
     if factor >= 2:
         img = img.reduce(factor)
         side, centre_x, centre_y = side / factor, centre_x / factor, centre_y / factor
@@ -116,9 +116,9 @@ class ImageTransform:
     - ``convert_channels``: grey files were converted to ``channels`` (or colour ones to grey)
       when the training set was read, so prediction converts them the same way; otherwise an
       image of another channel count is refused, naming its mode.
-    - ``frame``: for drawings, a fraction in (0, 1]: each file is cropped to its ink and centred
+    - ``frame``: for drawings, a fraction from 0.1 to 1: each file is cropped to its ink and centred
       on a square canvas of its background, the drawing's longer side ``frame`` of the canvas's,
-      before resizing (``framed``). A drawing then reaches the network at one size and place,
+      before resizing (``_framed``). A drawing then reaches the network at one size and place,
       however large and wherever it was drawn; None reads the whole file as it is.
     """
 
@@ -145,8 +145,8 @@ class ImageTransform:
         if (self.mean is None) != (self.std is None):
             raise ValueError("ImageTransform: give both mean and std, or neither")
         if self.frame is not None:
-            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0 < self.frame <= 1:
-                raise ValueError("ImageTransform: frame must be a fraction in (0, 1] (how much of the image a "
+            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0.1 <= self.frame <= 1:
+                raise ValueError("ImageTransform: frame must be a fraction from 0.1 to 1 (how much of the image a "
                                  f"drawing's longer side fills), got {self.frame!r}")
             object.__setattr__(self, "frame", float(self.frame))
         for name in ("mean", "std"):
@@ -209,7 +209,7 @@ class ImageTransform:
                              f"expected {self.channels}")
         img = img.convert("L" if self.channels == 1 else "RGB")
         if self.frame is not None:
-            img = framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
+            img = _framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
         elif img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
         array = np.asarray(img, dtype=np.uint8)
