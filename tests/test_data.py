@@ -424,8 +424,9 @@ def test_frame_gives_a_drawing_one_size_and_place_whatever_page_it_is_on(omniglo
     hairline[10:40, 60] = 0
     top, bottom, left, right = _ink_box(framed.decode(Image.fromarray(hairline))[0], threshold=30)
     assert bottom - top >= 21 and abs((top + bottom) / 2 - 14) <= 1
-    blank = Image.new("L", (105, 105), 255)   # no ink: read whole
-    np.testing.assert_array_equal(framed.decode(blank), whole.decode(blank))
+    blank = Image.new("L", (105, 105), 255)   # no ink: read whole, and said
+    with pytest.warns(UserWarning, match="blank.png: no drawing found to frame"):
+        np.testing.assert_array_equal(framed.decode(blank, "blank.png"), whole.decode(blank))
 
 
 @pytest.mark.parametrize("value", [0, 1e-300, 0.09, -0.5, 1.5, True, "0.8", float("nan"), float("inf")])

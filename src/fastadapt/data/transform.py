@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -78,7 +79,7 @@ def _framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resa
     (all of them, where the filter leaves none: a drawing of hairlines). The crop box is kept to
     the sub-pixel and resampled in one step, so a drawing and a smaller copy of it give nearly
     the same image; a page many times the output's size is first reduced by box averaging, so
-    memory stays bounded whatever the page and ``fill``. An image with no ink is resized whole."""
+    memory stays bounded whatever the page and ``fill``. None for an image with no ink."""
     grey = np.asarray(img.convert("L"), dtype=np.int16)
     paper_level = int(np.median(grey))
     off_paper = np.abs(grey - paper_level) > threshold
@@ -86,7 +87,7 @@ def _framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resa
     if not ink.any():   # strokes thinner than the filter: take every pixel off the paper
         ink = off_paper
     if not ink.any():
-        return img.resize((size, size), resample)
+        return None
     rows, columns = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
     side, centre_x, centre_y = max(bottom - top, right - left) / fill, (left + right) / 2, (top + bottom) / 2
@@ -221,8 +222,12 @@ class ImageTransform:
             raise ValueError(f"{source}: image has {native} channel(s) ({_MODE_NAMES.get(mode, mode)}), "
                              f"expected {self.channels}")
         img = img.convert("L" if self.channels == 1 else "RGB")
-        if self.frame is not None:
-            img = _framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
+        framed = None if self.frame is None else _framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
+        if self.frame is not None and framed is None:
+            warnings.warn(f"{source}: no drawing found to frame (no pixel is more than 64 grey levels from the "
+                          "paper's); the whole image is read", stacklevel=4)
+        if framed is not None:
+            img = framed
         elif img.size != (self.image_size, self.image_size):
             img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
         array = np.asarray(img, dtype=np.uint8)
