@@ -57,6 +57,16 @@ class Option:
         return value
 
 
+def frame_fraction(value, where: str) -> float:
+    """A drawing's frame (``DataConfig.frame``, ``ImageTransform.frame``): a fraction from 0.1 to 1,
+    how much of the image the drawing's longer side fills; a smaller one would ask for a canvas
+    many times the page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.1 <= value <= 1:
+        raise ConfigError("frame", "must be a fraction from 0.1 to 1 (how much of the image a drawing's longer "
+                                   f"side fills), got {value!r}", where)
+    return float(value)
+
+
 def _integer(key, value, where, minimum=None, positive=False):
     ok = isinstance(value, int) and not isinstance(value, bool)
     if positive and not (ok and value > 0):
@@ -143,10 +153,7 @@ class DataConfig:
         if self.drawers not in (None, "disjoint"):
             raise ConfigError("drawers", f"must be None or 'disjoint', got {self.drawers!r}", where + "drawers")
         if self.frame is not None:
-            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0.1 <= self.frame <= 1:
-                raise ConfigError("frame", "must be a fraction from 0.1 to 1 (how much of the image a drawing's longer "
-                                           f"side fills), got {self.frame!r}", where + "frame")
-            self.frame = float(self.frame)
+            self.frame = frame_fraction(self.frame, where + "frame")
         known = DATASETS[self.dataset]["options"]
         for key, value in self.options.items():
             if key not in known:

@@ -47,11 +47,19 @@ def task_chunk(text: str):
         raise argparse.ArgumentTypeError(f"expected auto, all or a number, got {text!r}") from None
 
 
-OFF = "off"   # a flag's value that unsets what a preset set (``--frame off``)
+class _Off:
+    """A flag's value that unsets what a preset set (``--frame off``): not a string, so no other
+    option's value can be taken for it."""
+
+    def __repr__(self) -> str:
+        return "off"
+
+
+OFF = _Off()
 
 
 def frame_fraction(text: str):
-    """``--frame``: a number (``DataConfig.check`` refuses one outside [0.1, 1]) or ``off``."""
+    """``--frame``: a number (``config.frame_fraction`` refuses one outside [0.1, 1]) or ``off``."""
     if text.lower() in ("off", "none"):
         return OFF
     try:

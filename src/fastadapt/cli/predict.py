@@ -70,8 +70,9 @@ def run(args) -> int:
           f"{len(predictor.class_names)} classes; {predictor.describe_mode()}"
           + (f"; test-time augmentation: {args.tta} views of each image ({members[0].view_augment!r})"
              if args.tta > 1 else "")
-          + "".join(f"; {m.checkpoint}: each drawing cropped to its ink, centred, {m.transform.frame:g} of the image "
-                    "(as in training)" for m in members if m.transform.frame is not None), file=sys.stderr)
+          + "".join(f"; {f'{m.checkpoint}: ' if len(members) > 1 else ''}each drawing cropped to its ink, centred, "
+                    f"{m.transform.frame:g} of the image (as in training)"
+                    for m in members if m.transform.frame is not None), file=sys.stderr)
     k = args.top_k or 1
     ranked = prediction.top_k(k)
     if args.format == "json":

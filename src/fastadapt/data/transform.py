@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..config import frame_fraction
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _GREY_MODES = {"1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L"}
 _MODE_NAMES = {"RGBA": "RGBA: colour with alpha", "LA": "LA: grey with alpha", "P": "P: palette",
@@ -70,8 +72,11 @@ def _majority_3x3(mask: np.ndarray) -> np.ndarray:
     return count >= 5
 
 
+INK_THRESHOLD = 64   # grey levels from the paper's at which a pixel counts as ink, for framing
+
+
 def _framed(img: Image.Image, fill: float, size: int, resample: int = Image.Resampling.LANCZOS,
-           threshold: int = 64) -> Image.Image:
+            threshold: int = INK_THRESHOLD) -> Optional[Image.Image]:
     """``img`` (grey or RGB) as a ``size`` x ``size`` image of its ink, centred, the ink's longer
     side ``fill`` of the side, on its own paper. The paper is the image's median (a drawing is
     mostly paper, whichever its polarity); ink is every pixel more than ``threshold`` grey levels
@@ -159,10 +164,7 @@ class ImageTransform:
         if (self.mean is None) != (self.std is None):
             raise ValueError("ImageTransform: give both mean and std, or neither")
         if self.frame is not None:
-            if isinstance(self.frame, bool) or not isinstance(self.frame, (int, float)) or not 0.1 <= self.frame <= 1:
-                raise ValueError("ImageTransform: frame must be a fraction from 0.1 to 1 (how much of the image a "
-                                 f"drawing's longer side fills), got {self.frame!r}")
-            object.__setattr__(self, "frame", float(self.frame))
+            object.__setattr__(self, "frame", frame_fraction(self.frame, "ImageTransform: frame"))
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -223,13 +225,14 @@ class ImageTransform:
                              f"expected {self.channels}")
         img = img.convert("L" if self.channels == 1 else "RGB")
         framed = None if self.frame is None else _framed(img, self.frame, self.image_size, _RESAMPLING[self.resample])
-        if self.frame is not None and framed is None:
-            warnings.warn(f"{source}: no drawing found to frame (no pixel is more than 64 grey levels from the "
-                          "paper's); the whole image is read", stacklevel=4)
         if framed is not None:
             img = framed
-        elif img.size != (self.image_size, self.image_size):
-            img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
+        else:
+            if self.frame is not None:
+                warnings.warn(f"{source}: no drawing found to frame (no pixel is more than {INK_THRESHOLD} grey levels "
+                              "from the paper's); the whole image is read", stacklevel=4)
+            if img.size != (self.image_size, self.image_size):
+                img = img.resize((self.image_size, self.image_size), _RESAMPLING[self.resample])
         array = np.asarray(img, dtype=np.uint8)
         array = array[None] if self.channels == 1 else array.transpose(2, 0, 1)
         return 255 - array if self.invert else np.ascontiguousarray(array)
